@@ -1,0 +1,5 @@
+"""`python -m persllm` runs the CLI."""
+
+from persllm.cli import main
+
+main()

@@ -1,0 +1,97 @@
+"""A response cache in SQLite keyed by backend, request and sampling settings, so re-runs cost nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from persllm.backends.base import Backend, Completion, GenParams, Request, Result
+from persllm.errors import BackendError
+
+
+def request_key(backend_name: str, request: Request, params: GenParams, salt: str = "") -> str:
+    """Stable hash of everything that determines an answer."""
+    body = request if isinstance(request, str) else [[m.role, m.content] for m in request]
+    payload = json.dumps([backend_name, body, asdict(params), salt], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+class CachedBackend:
+    """Wraps a backend; answers already in the cache are returned without a request."""
+
+    def __init__(self, inner: Backend, path: Path, salt: str = "") -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.usage = inner.usage
+        self.salt = salt  # distinguishes repeated samples of the same request (e.g. judge repeats)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, text TEXT, finish TEXT, "
+                         "prompt_tokens INT, completion_tokens INT)")
+        self._lock = threading.Lock()
+
+    def _get(self, key: str) -> Completion | None:
+        with self._lock:
+            row = self._db.execute("SELECT text, finish, prompt_tokens, completion_tokens FROM responses WHERE key=?",
+                                   (key,)).fetchone()
+        if row is None:
+            return None
+        return Completion(text=row[0], finish_reason=row[1], prompt_tokens=row[2], completion_tokens=row[3],
+                          cached=True)
+
+    def _put(self, key: str, completion: Completion) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
+                             (key, completion.text, completion.finish_reason, completion.prompt_tokens,
+                              completion.completion_tokens))
+            self._db.commit()
+
+    def forget(self, request: Request, params: GenParams = GenParams()) -> None:
+        """Drop a cached answer (e.g. one that failed validation, so a retry asks again)."""
+        key = request_key(self.name, request, params, self.salt)
+        with self._lock:
+            self._db.execute("DELETE FROM responses WHERE key=?", (key,))
+            self._db.commit()
+
+    def complete(self, request: Request, params: GenParams = GenParams()) -> Completion:
+        """Cached answer, or ask the inner backend and remember the answer."""
+        key = request_key(self.name, request, params, self.salt)
+        hit = self._get(key)
+        if hit is not None:
+            self.usage.cached += 1
+            return hit
+        completion = self.inner.complete(request, params)
+        self._put(key, completion)
+        return completion
+
+    def stream(self, request: Request, params: GenParams = GenParams()) -> Iterator[str]:
+        """Streams are never cached."""
+        return self.inner.stream(request, params)
+
+    def complete_many(self, batch: Sequence[Request], params: GenParams = GenParams()) -> Iterator[Result]:
+        """Serve hits at once; send only the misses to the inner backend (keeping its concurrency)."""
+        misses: list[int] = []
+        keys = [request_key(self.name, r, params, self.salt) for r in batch]
+        for index, key in enumerate(keys):
+            hit = self._get(key)
+            if hit is None:
+                misses.append(index)
+            else:
+                self.usage.cached += 1
+                yield index, hit
+        for sub_index, result in self.inner.complete_many([batch[i] for i in misses], params):
+            index = misses[sub_index]
+            if not isinstance(result, BackendError):
+                self._put(keys[index], result)
+            yield index, result
+
+    def close(self) -> None:
+        """Close the database and the inner backend."""
+        self._db.close()
+        self.inner.close()

@@ -1,0 +1,81 @@
+"""In-process llama.cpp for a GGUF file (extra: llamacpp)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from persllm.backends.base import Completion, GenParams, Request, Result, Usage, sequential_many
+from persllm.errors import BackendError, ConfigError, require
+
+
+class LlamaCpp:
+    """One GGUF model loaded with llama-cpp-python; requests are served one at a time."""
+
+    def __init__(self, model_path: str | Path, n_ctx: int = 4096, n_threads: int | None = None, seed: int = 0) -> None:
+        require("llama_cpp", "llamacpp", "The llama.cpp backend")
+        from llama_cpp import Llama
+
+        path = Path(model_path)
+        if not path.is_file():
+            raise ConfigError(f"GGUF file not found: {path}")
+        self.name = f"llamacpp:{path.name}"
+        self.usage = Usage()
+        self.n_ctx = n_ctx
+        self._lock = threading.Lock()
+        # llama.cpp prints its load log on stderr even with verbose=False in some builds; keep the terminal clean.
+        with contextlib.redirect_stderr(io.StringIO()):
+            self._llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count() or 2,
+                              seed=seed, verbose=False)
+
+    def complete(self, request: Request, params: GenParams = GenParams()) -> Completion:
+        """Generate one answer (chat through the GGUF's own template, or raw text)."""
+        started = time.monotonic()
+        with self._lock:
+            try:
+                out = self._call(request, params, stream=False)
+            except ValueError as exc:  # llama-cpp raises ValueError for prompts longer than the context
+                raise BackendError(f"{self.name}: {exc}") from exc
+        choice = out["choices"][0]
+        text = choice["text"] if isinstance(request, str) else (choice["message"]["content"] or "")
+        usage = out.get("usage") or {}
+        completion = Completion(text=text, finish_reason=choice.get("finish_reason") or "stop",
+                                prompt_tokens=usage.get("prompt_tokens", 0),
+                                completion_tokens=usage.get("completion_tokens", 0))
+        self.usage.add(completion, time.monotonic() - started)
+        return completion
+
+    def stream(self, request: Request, params: GenParams = GenParams()) -> Iterator[str]:
+        """Yield text pieces as llama.cpp produces them."""
+        with self._lock:
+            for chunk in self._call(request, params, stream=True):
+                choice = chunk["choices"][0]
+                piece = choice.get("text") if isinstance(request, str) else (choice.get("delta") or {}).get("content")
+                if piece:
+                    yield piece
+
+    def complete_many(self, batch: Sequence[Request], params: GenParams = GenParams()) -> Iterator[Result]:
+        """One request after another: llama.cpp in-process serves a single sequence."""
+        return sequential_many(self, batch, params)
+
+    def close(self) -> None:
+        """Free the model now instead of at interpreter exit (llama-cpp's __del__ can fail then)."""
+        llm = getattr(self, "_llm", None)
+        if llm is not None:
+            llm.close()
+            self._llm = None
+
+    def _call(self, request: Request, params: GenParams, stream: bool) -> Any:
+        kwargs: dict[str, Any] = dict(max_tokens=params.max_tokens, temperature=params.temperature,
+                                      top_p=params.top_p, stop=list(params.stop), stream=stream,
+                                      seed=params.seed if params.seed is not None else -1)
+        if isinstance(request, str):
+            return self._llm.create_completion(request, **kwargs)
+        messages = [{"role": m.role, "content": m.content} for m in request]
+        return self._llm.create_chat_completion(messages=messages, **kwargs)

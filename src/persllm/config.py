@@ -1,0 +1,553 @@
+"""Project configuration: one dataclass per stage, loaded from persona.yaml with every problem reported at once."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from persllm.errors import ConfigError
+
+PROJECT_FILE = "persona.yaml"
+STAGE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+@dataclass
+class ModelSpec:
+    """Where an LLM comes from. Written in YAML as a mapping or a short string such as 'openai:gpt-4o-mini'."""
+
+    backend: Literal["default", "openai", "llamacpp", "hf", "fake"] = "default"
+    """default = the embedded Gemma 3 270M; openai = any OpenAI-compatible endpoint; llamacpp = a GGUF file;
+    hf = a transformers model id or directory; fake = scripted replies for tests."""
+    model: str = ""
+    """Model name at the endpoint, GGUF path, or transformers id/path."""
+    base_url: str = ""
+    """Endpoint base URL for backend openai (default https://api.openai.com/v1 or $OPENAI_BASE_URL)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key; keys are never written in project files."""
+    adapter: str = ""
+    """PEFT adapter directory applied on top of an hf model."""
+    concurrency: int = 8
+    """Requests in flight at once (HTTP backends)."""
+    timeout: float = 120.0
+    """Seconds before one request is abandoned and retried."""
+    max_retries: int = 5
+    """Retries on 429, 5xx, timeouts and connection errors, with exponential backoff."""
+    n_ctx: int = 4096
+    """Context window for llama.cpp."""
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+
+    @property
+    def spec(self) -> str:
+        """Short human-readable form used in logs and reports."""
+        if self.backend == "default":
+            return "default (embedded gemma-3-270m)"
+        where = f"@{self.base_url}" if self.base_url else ""
+        adapter = f"+{self.adapter}" if self.adapter else ""
+        return f"{self.backend}:{self.model}{adapter}{where}"
+
+
+def parse_model_spec(value: str) -> ModelSpec:
+    """Parse 'default', 'openai:gpt-4o-mini', 'llamacpp:/m.gguf', 'hf:Qwen/Qwen2.5-0.5B' or 'fake'."""
+    backend, _, target = value.partition(":")
+    if backend not in ("default", "openai", "llamacpp", "hf", "fake"):
+        raise ValueError(f"unknown backend {backend!r}; use default, openai:MODEL, llamacpp:PATH, hf:MODEL or fake")
+    return ModelSpec(backend=backend, model=target)  # type: ignore[arg-type]
+
+
+@dataclass
+class StageConfig:
+    """One life stage of the persona."""
+
+    id: str
+    """Short id used in file names, CLI flags and temporal labels (lowercase letters, digits, - and _)."""
+    label: str
+    """The time the persona lives in at this stage, e.g. "1835"."""
+    knowledge: str
+    """Objective material (experiences, knowledge): one paragraph per line, path relative to persona.yaml."""
+    style: str
+    """Subjective material (the persona's own words): one paragraph per line."""
+    description: str = ""
+    """One line on who the persona is at this stage."""
+
+
+@dataclass
+class IngestConfig:
+    """How material files become passages."""
+
+    max_tokens: int = 220
+    """Paragraphs longer than this many tokens are split into overlapping pieces."""
+    overlap_tokens: int = 40
+    """Tokens shared by consecutive pieces of a split paragraph."""
+    min_tokens: int = 3
+    """Lines shorter than this are skipped as headings or noise."""
+
+
+@dataclass
+class ConstructConfig:
+    """Teacher-driven data construction (questions, chain-of-thought answers, DPO raw material)."""
+
+    mode: Literal["auto", "full", "grounded"] = "auto"
+    """full = the teacher writes questions and answers (PersLLM); grounded = answers built from the persona's own
+    words with the teacher used only for short rewrites; auto = grounded for the embedded default, full otherwise."""
+    questions_per_passage: int = 3
+    """Questions generated from each seed passage."""
+    max_per_stage: int = 0
+    """Cap on seed passages per stage (0 = all)."""
+    kinds: dict[str, float] = field(default_factory=lambda: {"ordinary": 0.4, "opinion": 0.3, "induced": 0.3})
+    """Mix of question kinds: ordinary questions, opinion statements, induced false-premise questions."""
+    knowledge_budget: int = 1500
+    """Tokens of retrieved knowledge context (paper appendix: 1,500 words)."""
+    style_budget: int = 500
+    """Tokens of retrieved style context (paper appendix: 500 words)."""
+    embedding_model: str = ""
+    """Optional sentence-transformers model for retrieval; empty = lexical BM25 only."""
+    general_data: str = ""
+    """General instructions in `messages` JSONL to re-answer in the persona's voice; empty = built-in set."""
+    general_per_stage: int = 8
+    """Stylised general samples per stage."""
+    negatives: list[str] = field(default_factory=lambda: ["other_stage", "non_personified", "induced"])
+    """Rejected-answer material to produce for automated DPO."""
+    test_fraction: float = 0.2
+    """Share of seed passages whose samples are held out."""
+    dedup_threshold: float = 0.8
+    """Questions whose MinHash Jaccard similarity reaches this are near-duplicates."""
+    temperature: float = 0.7
+    """Teacher sampling temperature."""
+    max_tokens: int = 1024
+    """Teacher output budget per request."""
+    attempts: int = 3
+    """Tries per item when the teacher output is rejected by validation."""
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning."""
+
+    method: Literal["lora", "qlora", "full"] = "lora"
+    """lora (default), qlora (needs a GPU and bitsandbytes) or full fine-tuning."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling."""
+    lora_dropout: float = 0.05
+    """LoRA dropout."""
+    target_modules: str = "all-linear"
+    """Modules that get LoRA adapters."""
+    epochs: float = 1.0
+    """Passes over the mixed data."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1 = use epochs)."""
+    learning_rate: float = 2e-4
+    """Peak learning rate."""
+    batch_size: int = 4
+    """Sequences per device per step."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+    max_length: int = 512
+    """Longest training sequence in tokens."""
+    repeat: int = 5
+    """Times the personified data is repeated in the mix (paper: 5)."""
+    general_ratio: float = 0.25
+    """General-data samples per personified sample (after repetition)."""
+    keep_cot: bool = True
+    """Train the model to emit the analysis before the response (paper); false = responses only."""
+    temporal_labels: Literal["text", "tokens"] = "text"
+    """Stage label as plain text or as the paper's special tokens <TIME-I>, <TIME-II>, ..."""
+    warmup_ratio: float = 0.05
+    """Share of steps spent warming up the learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    save_steps: int = 50
+    """Checkpoint interval in optimizer steps (for resuming)."""
+
+
+@dataclass
+class DPOConfig:
+    """Automated DPO on top of the SFT model."""
+
+    beta: float = 0.1
+    """DPO temperature."""
+    learning_rate: float = 5e-5
+    """Peak learning rate (LoRA)."""
+    epochs: float = 1.0
+    """Passes over the pairs."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1 = use epochs)."""
+    batch_size: int = 2
+    """Pairs per device per step."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+    max_length: int = 512
+    """Longest prompt + answer in tokens."""
+    negative_types: list[str] = field(
+        default_factory=lambda: ["other_stage", "other_persona", "non_personified", "induced"]
+    )
+    """Kinds of rejected answers used."""
+    pairs_per_sample: int = 2
+    """Most pairs built from one sample."""
+    max_similarity: float = 0.9
+    """Pairs whose chosen and rejected are at least this similar are dropped."""
+    save_steps: int = 50
+    """Checkpoint interval in optimizer steps."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of the prompted base model and the tuned models."""
+
+    models: list[str] = field(default_factory=lambda: ["base", "sft", "dpo"])
+    """Models under test: base, rag, sft, dpo, or an endpoint spec such as openai:gpt-4o-mini."""
+    max_probes: int = 60
+    """Most probes generated from the held-out data."""
+    max_new_tokens: int = 160
+    """Generation budget per answer."""
+    probes: str = ""
+    """Extra probe file (JSONL) scored in addition to the generated probes."""
+
+
+@dataclass
+class Project:
+    """A persona project: persona.yaml plus its material files."""
+
+    name: str
+    """The persona's name."""
+    stages: list[StageConfig]
+    """Life stages in chronological order."""
+    language: Literal["en", "zh"] = "en"
+    """Language of the material and of generated data."""
+    aliases: list[str] = field(default_factory=list)
+    """Other names the material uses for the persona (a maiden name, a title), so rules can tell them apart."""
+    teacher: ModelSpec = field(default_factory=ModelSpec)
+    """LLM that constructs data."""
+    base_model: ModelSpec = field(default_factory=lambda: ModelSpec(backend="default"))
+    """Model that is tuned (default or hf)."""
+    judge: ModelSpec | None = None
+    """LLM that scores answers in evaluation (defaults to the teacher)."""
+    output_dir: str = "out"
+    """Where stage outputs go, relative to persona.yaml."""
+    seed: int = 42
+    """Seed for sampling, splitting and training."""
+    preset: str = "default"
+    """Named set of sizes: default or demo."""
+    peers: list[str] = field(default_factory=list)
+    """Other persona project directories, for cross-persona negatives and distinction metrics."""
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    construct: ConstructConfig = field(default_factory=ConstructConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    root: Path = field(default=Path("."), metadata={"internal": True})
+    """Directory holding persona.yaml (set by the loader)."""
+
+    @property
+    def slug(self) -> str:
+        """Filesystem- and URL-safe persona id, e.g. 'ada-lovelace'."""
+        return slugify(self.name)
+
+    @property
+    def output(self) -> Path:
+        """Absolute output directory."""
+        return (self.root / self.output_dir).resolve()
+
+    def stage(self, stage_id: str) -> StageConfig:
+        """Return the stage with this id or raise a ConfigError listing the valid ones."""
+        for stage in self.stages:
+            if stage.id == stage_id:
+                return stage
+        raise ConfigError(f"unknown stage {stage_id!r}; stages of {self.name}: {', '.join(s.id for s in self.stages)}")
+
+    def material_path(self, relative: str) -> Path:
+        """Absolute path of a material file named in persona.yaml."""
+        return (self.root / relative).resolve()
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # Sized so `persllm run examples/ada-lovelace --preset demo` finishes in about 15 minutes on 2 CPU cores.
+    "demo": {
+        "construct": {"questions_per_passage": 2, "max_per_stage": 12, "general_per_stage": 3, "max_tokens": 256},
+        "sft": {"max_steps": 40, "batch_size": 4, "max_length": 320, "repeat": 1, "save_steps": 20},
+        "dpo": {"max_steps": 16, "batch_size": 2, "max_length": 320, "pairs_per_sample": 1, "save_steps": 8},
+        "eval": {"max_probes": 16, "max_new_tokens": 72},
+    },
+}
+
+
+def slugify(name: str) -> str:
+    """Lowercase ASCII slug of a name ('Ada Lovelace' -> 'ada-lovelace'); CJK names keep their characters."""
+    slug = re.sub(r"[^\w]+", "-", name.strip().lower(), flags=re.UNICODE).strip("-_")
+    return slug or "persona"
+
+
+def load_project(path: str | Path, overrides: list[str] | None = None, preset: str | None = None) -> Project:
+    """Load a project directory (or its persona.yaml), apply preset and `a.b=value` overrides, validate everything."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / PROJECT_FILE
+    if not file.exists():
+        hint = f" (run `persllm init {Path(path)}` to create one)" if not file.parent.exists() or file.parent.is_dir() else ""
+        raise ConfigError(f"no {PROJECT_FILE} found at {file}{hint}")
+    data = _read_yaml(file)
+    errors: list[str] = []
+    merged = _merge_layers(data, preset, overrides or [], errors)
+    project = _build(Project, merged, "", errors)
+    if project is not None:
+        project.root = file.parent.resolve()
+        errors.extend(_check_project(project))
+    if errors or project is None:
+        raise ConfigError(errors or ["invalid project"], source=str(file))
+    return project
+
+
+def _read_yaml(file: Path) -> dict[str, Any]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not valid UTF-8 (byte {exc.start}); save the file as UTF-8", source=str(file)) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {str(exc).splitlines()[0]} {_yaml_where(exc)}", source=str(file)) from exc
+    if not isinstance(data, dict):
+        raise ConfigError("expected a mapping with at least `name` and `stages`", source=str(file))
+    return data
+
+
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f"(line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+
+
+def _merge_layers(data: dict[str, Any], preset: str | None, overrides: list[str], errors: list[str]) -> dict[str, Any]:
+    """Defaults < preset < persona.yaml < --set overrides."""
+    name = preset or data.get("preset") or "default"
+    if name not in PRESETS:
+        close = difflib.get_close_matches(str(name), PRESETS, n=1)
+        errors.append(f"unknown preset {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                      + f"; presets: {', '.join(PRESETS)}")
+        name = "default"
+    merged = _deep_merge(copy.deepcopy(PRESETS[name]), data)
+    merged["preset"] = name
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            errors.append(f"override {item!r} must look like key.sub=value")
+            continue
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(merged, key.strip(), value)
+    return merged
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    node = data
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[last] = value
+
+
+def _build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
+    """Build dataclass `cls` from `data`, appending every problem (with its dotted key) to `errors`."""
+    if cls is ModelSpec and isinstance(data, str):
+        try:
+            return parse_model_spec(data)
+        except ValueError as exc:
+            errors.append(f"{where}: {exc}")
+            return None
+    if not isinstance(data, dict):
+        errors.append(f"{where or 'top level'}: expected a mapping, got {type(data).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            errors.append(f"unknown key {path!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                          + f"; valid keys here: {', '.join(fields)}")
+            continue
+        converted = _convert(hints[key], value, path, errors)
+        if converted is not _INVALID:
+            kwargs[key] = converted
+    missing = [n for n, f in fields.items() if n not in kwargs and _required(f) and n not in data]
+    for name in missing:
+        errors.append(f"missing required key {(where + '.' if where else '') + name!r}")
+    if missing or len(kwargs) < len([k for k in data if k in fields]):
+        return None
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        errors.append(f"{where or 'top level'}: {exc}")
+        return None
+
+
+_INVALID = object()
+
+
+def _required(f: dataclasses.Field) -> bool:  # type: ignore[type-arg]
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+
+
+def _convert(hint: Any, value: Any, path: str, errors: list[str]) -> Any:
+    """Check `value` against a type hint, with the few friendly coercions users expect (1835 -> "1835")."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(options[0], value, path, errors)
+    if dataclasses.is_dataclass(hint):
+        built = _build(hint, value, path, errors)
+        return _INVALID if built is None else built
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        errors.append(f"{path}: {value!r} is not one of {', '.join(map(str, choices))}"
+                      + (f" (did you mean {close[0]!r}?)" if close else ""))
+        return _INVALID
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{path}: expected a list, got {type(value).__name__}")
+            return _INVALID
+        (item,) = typing.get_args(hint)
+        items = [_convert(item, v, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+        return _INVALID if any(i is _INVALID for i in items) else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected a mapping, got {type(value).__name__}")
+            return _INVALID
+        _, vtype = typing.get_args(hint)
+        out = {str(k): _convert(vtype, v, f"{path}.{k}", errors) for k, v in value.items()}
+        return _INVALID if any(v is _INVALID for v in out.values()) else out
+    return _scalar(hint, value, path, errors)
+
+
+def _scalar(hint: Any, value: Any, path: str, errors: list[str]) -> Any:
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is Path:
+        return Path(str(value))
+    else:
+        return value
+    errors.append(f"{path}: expected {hint.__name__}, got {value!r}")
+    return _INVALID
+
+
+def _check_project(project: Project) -> list[str]:
+    """Semantic checks that need the whole project: stage ids, material files, mixes."""
+    errors: list[str] = []
+    if not project.name.strip():
+        errors.append("name: must not be empty")
+    if not project.stages:
+        errors.append("stages: at least one stage is needed")
+    seen: set[str] = set()
+    for i, stage in enumerate(project.stages):
+        where = f"stages[{i}] ({stage.id})"
+        if not STAGE_ID.match(stage.id):
+            errors.append(f"{where}.id: {stage.id!r} must be lowercase letters, digits, '-' or '_' (max 32 chars)")
+        if stage.id in seen:
+            errors.append(f"{where}.id: stage id {stage.id!r} is used twice; each stage needs its own id")
+        seen.add(stage.id)
+        if not stage.label.strip():
+            errors.append(f"{where}.label: must not be empty")
+        for key in ("knowledge", "style"):
+            errors.extend(_check_material(project, getattr(stage, key), f"{where}.{key}"))
+    mix = project.construct.kinds
+    for kind in mix:
+        if kind not in ("ordinary", "opinion", "induced"):
+            close = difflib.get_close_matches(kind, ["ordinary", "opinion", "induced"], n=1)
+            errors.append(f"construct.kinds: unknown kind {kind!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if mix and (any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0):
+        errors.append("construct.kinds: weights must be non-negative and not all zero")
+    if not 0 < project.construct.test_fraction < 1:
+        errors.append(f"construct.test_fraction: must be between 0 and 1, got {project.construct.test_fraction}")
+    if project.base_model.backend not in ("default", "hf"):
+        errors.append(f"base_model: a tuned model must be 'default' or 'hf:MODEL', got {project.base_model.spec!r}")
+    for key in ("construct.negatives", "dpo.negative_types"):
+        section, attr = key.split(".")
+        for value in getattr(getattr(project, section), attr):
+            if value not in ("other_stage", "other_persona", "non_personified", "induced"):
+                errors.append(f"{key}: unknown negative type {value!r}")
+    return errors
+
+
+def _check_material(project: Project, relative: str, where: str) -> list[str]:
+    if not relative:
+        return [f"{where}: no file given"]
+    path = project.material_path(relative)
+    if not path.exists():
+        close = _close_file(path)
+        return [f"{where}: file {relative!r} not found in {project.root}" + (f" (did you mean {close!r}?)" if close else "")]
+    if not path.is_file():
+        return [f"{where}: {relative!r} is not a file"]
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        return [f"{where}: {relative!r} is not valid UTF-8 (line {line}); re-save it as UTF-8"]
+    if "\x00" in text:
+        return [f"{where}: {relative!r} looks like a binary file; material must be UTF-8 text, one paragraph per line"]
+    if not text.strip():
+        return [f"{where}: {relative!r} is empty; add one paragraph per line"]
+    return []
+
+
+def _close_file(path: Path) -> str | None:
+    if not path.parent.is_dir():
+        return None
+    names = [p.name for p in path.parent.iterdir() if p.is_file()]
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def resolved_dict(obj: Any) -> Any:
+    """Plain-data view of a config object, for the resolved config files written beside outputs."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: resolved_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
+    if isinstance(obj, (list, tuple)):
+        return [resolved_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: resolved_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

@@ -1,0 +1,297 @@
+"""Rules over the persona's own material: person conversion, entities, topics and false premises.
+
+Grounded construction (the offline default) uses these instead of trusting a weak teacher with facts; every
+function here is deterministic given its inputs and a seeded random generator.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from persllm import text as T
+
+Person = Literal["first", "second"]
+
+_MONTHS = {"January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"}
+_NOT_ENTITY = {"I", "In", "On", "At", "The", "A", "An", "After", "Before", "When", "While", "Her", "His", "She", "He",
+               "They", "Their", "It", "Its", "This", "That", "These", "Those", "By", "From", "As", "With", "For",
+               "During", "Although", "Though", "Every", "Each", "Later", "Soon", "Then", "There", "My", "We", "Our",
+               "You", "Your", "But", "And", "Yet", "Not", "No", "Yes", "What", "How", "Why", "Who", "Where", "To",
+               "Both", "Once", "Only", "Even", "Since", "Until", "Over", "Under", "Many", "Most", "Some", "All"}
+_ENTITY = re.compile(r"\b[A-Z][\w'’\-]*(?:(?:\s+(?:of|de|la|le|du|von|van|the|di|da))*\s+[A-Z][\w'’\-]*)*",
+                     re.UNICODE)
+_YEAR = re.compile(r"(?<!\d)(1[0-9]{3}|20[0-9]{2})(?!\d)")
+_NUMBER = re.compile(r"(?<![\d.])(\d{1,3}(?:,\d{3})*|\d+)(?![\d.])")
+_WORD = re.compile(r"[A-Za-z][A-Za-z'’\-]*")
+_SUBJECT_CUES = {"was", "is", "had", "has", "did", "could", "would", "will", "should", "might", "must", "also",
+                 "never", "then", "soon", "later", "often", "always", "once", "still", "only", "herself",
+                 "himself", "and", "first"}
+_NO_POSSESSIVE_AFTER = {"to", "and", "or", "but", "with", "by", "for", "in", "on", "at", "that", "when", "as", "from",
+                        "about", "into", "of", "than", "if", "because", "so", "the", "a", "an", "while", "until",
+                        "after", "before", "through", "over", "under", "again", "too", "very", "up", "down", "out"}
+_AGREE = {
+    "first": {"is": "am", "has": "have", "does": "do", "doesn't": "don't", "isn't": "am not"},
+    "second": {"is": "are", "was": "were", "has": "have", "does": "do", "doesn't": "don't", "isn't": "aren't",
+               "wasn't": "weren't"},
+}
+_PRONOUNS = {
+    "she": {"subject": "she", "object": "her", "possessive": "her", "reflexive": "herself", "independent": "hers"},
+    "he": {"subject": "he", "object": "him", "possessive": "his", "reflexive": "himself", "independent": "his"},
+}
+_TARGET = {
+    "first": {"subject": "I", "object": "me", "possessive": "my", "reflexive": "myself", "independent": "mine"},
+    "second": {"subject": "you", "object": "you", "possessive": "your", "reflexive": "yourself",
+               "independent": "yours"},
+}
+
+
+@dataclass(frozen=True)
+class PersonaRef:
+    """How the persona is referred to in third-person material."""
+
+    name: str
+    aliases: tuple[str, ...]  # longest first: full names, then single names
+    pronoun: Literal["she", "he", "they"]
+    language: str
+
+    @property
+    def first_name(self) -> str:
+        """The name used in templates ('Ada' for 'Ada Lovelace'); the whole name for CJK names."""
+        return self.name if self.language == "zh" else self.name.split()[0]
+
+
+def persona_ref(name: str, language: str, knowledge: Iterable[str], aliases: Sequence[str] = ()) -> PersonaRef:
+    """Build the persona's reference: name variants and the pronoun most used in the knowledge material."""
+    forms = {name.strip(), *(a.strip() for a in aliases if a.strip())}
+    parts = name.split()
+    if language != "zh" and len(parts) >= 2:
+        forms.update({parts[0], parts[-1]})  # only the main name's parts: "Countess of X" must not yield "Countess"
+    joined = " ".join(knowledge)
+    if language == "zh":
+        counts = Counter(ch for ch in joined if ch in "她他")
+        pronoun = "she" if counts["她"] >= counts["他"] and counts["她"] else "he" if counts["他"] else "they"
+    else:
+        words = Counter(w.lower() for w in _WORD.findall(joined))
+        she, he = words["she"] + words["her"], words["he"] + words["his"] + words["him"]
+        pronoun = "she" if she > he else "he" if he > she else "they"
+    return PersonaRef(name=name, aliases=tuple(sorted(forms, key=len, reverse=True)), pronoun=pronoun,
+                      language=language)
+
+
+# -- person conversion -------------------------------------------------------------------------------------------
+def convert_person(sentence: str, ref: PersonaRef, person: Person = "first") -> str:
+    """Rewrite third-person references to the persona as first ('I') or second ('you') person."""
+    if ref.language == "zh":
+        return _convert_zh(sentence, ref, person)
+    target = _TARGET[person]
+    out = _replace_names(sentence, ref, target)
+    if ref.pronoun in _PRONOUNS:
+        out = _replace_pronouns(out, _PRONOUNS[ref.pronoun], target)
+    out = re.sub(r"\b(I|you)\s+(is|was|has|does|doesn't|isn't|wasn't)\b",
+                 lambda m: f"{m.group(1)} {_AGREE[person].get(m.group(2), m.group(2))}", out)
+    if person == "first":  # "I and Pierre worked" -> "Pierre and I worked"
+        out = re.sub(r"\bI and ((?:my \w+ )?[A-Z][\w'’\-]*(?: [A-Z][\w'’\-]*)*)",
+                     lambda m: f"{m.group(1)} and I", out)
+    return _fix_case(out, person)
+
+
+def _replace_names(sentence: str, ref: PersonaRef, target: dict[str, str]) -> str:
+    names = [a for a in ref.aliases if a]
+    if not names:
+        return sentence
+    pattern = re.compile(r"(?<![\w'’])(" + "|".join(re.escape(n) for n in names) + r")(['’]s)?(?![\w])")
+
+    def repl(match: re.Match[str]) -> str:
+        before = sentence[: match.start()].rstrip()
+        prev = before.split()[-1] if before.split() else ""
+        if prev.lower() in ("born", "named", "called", "christened", "baptised", "baptized"):
+            return match.group(0)  # a name being given, not a reference to the person
+        # "Pierre Curie" is someone else: a capitalised word right before a bare surname means another person.
+        if prev[:1].isupper() and not prev.endswith((".", ",", ";", ":")) and len(before) > 0 \
+                and prev not in _NOT_ENTITY and " " not in match.group(1):
+            return match.group(0)
+        after = sentence[match.end():].lstrip()
+        # A bare first name followed by another capitalised word is a longer name we were not told about.
+        if " " not in match.group(1) and not match.group(2) and re.match(r"[A-Z][a-z]", after) \
+                and sentence[match.end():match.end() + 1] == " ":
+            return match.group(0)
+        if match.group(2):
+            return target["possessive"]
+        nxt = (_WORD.match(after).group(0).lower() if _WORD.match(after) else "")
+        at_start = not before or before.endswith((".", "!", "?", ";", ":", "\u201c", '"'))
+        subject = at_start or nxt in _SUBJECT_CUES or nxt.endswith("ed") or prev.lower() in (
+            "and", "but", "that", "when", "while", "because", "as", "where", "which", "so", "until", "after",
+            "before", "since", "although", "though", ",")
+        return target["subject"] if subject else target["object"]
+
+    return pattern.sub(repl, sentence)
+
+
+def _replace_pronouns(sentence: str, source: dict[str, str], target: dict[str, str]) -> str:
+    def repl(match: re.Match[str]) -> str:
+        word = match.group(0).lower()
+        if word == source["reflexive"]:
+            return target["reflexive"]
+        if word == source["subject"]:
+            return target["subject"]
+        if word == source["independent"] and word != source["possessive"]:
+            return target["independent"]
+        # "her" and "his" are ambiguous: possessive before a word, object (or independent) otherwise.
+        rest = sentence[match.end():]
+        nxt = _WORD.match(rest.lstrip())
+        followed_by_word = bool(nxt) and rest[:1] == " " and nxt.group(0).lower() not in _NO_POSSESSIVE_AFTER
+        if word == source["possessive"] and followed_by_word:
+            return target["possessive"]
+        if word == source["object"]:
+            return target["object"]
+        return target["independent"]
+
+    forms = sorted({v for v in source.values()}, key=len, reverse=True)
+    return re.sub(r"\b(" + "|".join(forms) + r")\b", repl, sentence, flags=re.IGNORECASE)
+
+
+def _fix_case(sentence: str, person: Person) -> str:
+    out = re.sub(r"\bi\b", "I", sentence)
+    if person == "second":
+        out = re.sub(r"(?<=[a-z,;] )(You|Your|Yours|Yourself)\b", lambda m: m.group(1).lower(), out)
+    return out[:1].upper() + out[1:] if out else out
+
+
+def _convert_zh(sentence: str, ref: PersonaRef, person: Person) -> str:
+    me = "我" if person == "first" else "你"
+    out = sentence
+    for name in ref.aliases:
+        out = out.replace(name, me)
+    pronoun = {"she": "她", "he": "他"}.get(ref.pronoun)
+    if pronoun:
+        out = re.sub(pronoun + "(?!们)", me, out)
+    return out
+
+
+def mentions_persona(sentence: str, ref: PersonaRef) -> bool:
+    """True if the sentence still refers to the persona in the third person (by name or pronoun)."""
+    if ref.language == "zh":
+        pronoun = {"she": "她", "he": "他"}.get(ref.pronoun, "")
+        return any(a in sentence for a in ref.aliases) or bool(pronoun and re.search(pronoun + "(?!们)", sentence))
+    names = any(re.search(r"(?<![\w])" + re.escape(a) + r"(?![\w])", sentence) for a in ref.aliases if " " in a
+                or a == ref.first_name)
+    pronouns = _PRONOUNS.get(ref.pronoun, {})
+    return names or bool(pronouns and re.search(r"\b(" + "|".join(set(pronouns.values())) + r")\b", sentence,
+                                                 re.IGNORECASE))
+
+
+def first_person_markers(sentence: str, language: str) -> bool:
+    """True if the sentence speaks in the first person."""
+    if language == "zh":
+        return "我" in sentence
+    return bool(re.search(r"\b(I|my|me|myself|mine)\b", sentence))
+
+
+# -- entities, years, topics -------------------------------------------------------------------------------------
+def entities(text: str, ref: PersonaRef) -> list[str]:
+    """Named things in the text (capitalised phrases), excluding the persona and sentence-initial function words."""
+    if ref.language == "zh":
+        found = re.findall(r"《([^》]{1,20})》|“([^”]{2,12})”", text)
+        return _unique(a or b for a, b in found)
+    out = []
+    for match in _ENTITY.finditer(text):
+        phrase = match.group(0).strip()
+        words = phrase.split()
+        while words and words[0] in _NOT_ENTITY:
+            words = words[1:]
+        phrase = re.sub(r"['’]s$", "", " ".join(words))
+        if not phrase or phrase in _MONTHS or any(phrase == a for a in ref.aliases):
+            continue
+        if phrase.lower() in T.STOPWORDS_EN or len(phrase) < 3:
+            continue
+        if any(phrase == a or phrase in a.split() for a in ref.aliases):
+            continue
+        out.append(phrase)
+    return _unique(out)
+
+
+def years(text: str) -> list[str]:
+    """Four-digit years in the text."""
+    return _unique(_YEAR.findall(text))
+
+
+def topic_words(text: str, idf: dict[str, float], language: str, limit: int = 3) -> list[str]:
+    """The most specific content words of a text (by inverse document frequency in the stage's material)."""
+    if language == "zh":
+        clauses = [c.strip() for c in re.split(r"[，。！？；、,.!?;：:]", text) if c.strip()]
+        clauses = [re.sub(r"^[我她他你]+", "", c) for c in clauses]
+        return _unique(c for c in sorted(clauses, key=len) if 4 <= len(c) <= 12)[:limit]
+    words = [w for w in T.content_words(text) if len(w) >= 5 and not w.endswith("ly") and w.isalpha()]
+    return _unique(sorted(words, key=lambda w: -idf.get(w, 0.0)))[:limit]
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for item in items:
+        if item and item not in seen:
+            seen.add(item)
+            out.append(item)
+    return out
+
+
+# -- false premises ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FalsePremise:
+    """A sentence with one fact changed, and what was changed."""
+
+    false_sentence: str
+    true_sentence: str
+    truth: str
+    false_value: str
+
+
+def perturb(sentence: str, ref: PersonaRef, other_entities: Sequence[str], rng: random.Random) -> FalsePremise | None:
+    """Change one fact (a year, another named entity, or a number) so the sentence becomes clearly false."""
+    found_years = years(sentence)
+    if found_years:
+        truth = rng.choice(found_years)
+        shift = rng.choice([-1, 1]) * rng.randint(4, 15)
+        wrong = str(int(truth) + shift)
+        return FalsePremise(_replace_once(sentence, truth, wrong), sentence, truth, wrong)
+    mine = entities(sentence, ref)
+    candidates = [e for e in other_entities if e not in mine and e not in sentence]
+    if mine and candidates:
+        truth = rng.choice(mine)
+        same_shape = [c for c in candidates if len(c.split()) == len(truth.split())] or candidates
+        wrong = rng.choice(same_shape)
+        return FalsePremise(_replace_once(sentence, truth, wrong), sentence, truth, wrong)
+    numbers = [n for n in _NUMBER.findall(sentence) if n not in found_years]
+    if numbers:
+        truth = rng.choice(numbers)
+        value = int(truth.replace(",", ""))
+        wrong = str(value * rng.choice([2, 3]) + rng.randint(1, 9)) if value < 1000 else str(value // 2)
+        return FalsePremise(_replace_once(sentence, truth, wrong), sentence, truth, wrong)
+    return None
+
+
+def _replace_once(sentence: str, old: str, new: str) -> str:
+    return re.sub(r"(?<![\w])" + re.escape(old) + r"(?![\w])", new, sentence, count=1)
+
+
+def label_year(label: str) -> int | None:
+    """The year a stage label names ('1835', 'summer 1843', '1890s'), if any."""
+    match = re.search(r"(?<!\d)(\d{3,4})(?!\d)", label)
+    return int(match.group(1)) if match else None
+
+
+def lower_first(text: str) -> str:
+    """Lowercase the first letter unless the text starts with 'I ' or a proper name from the text itself."""
+    if not text or text.startswith(("I ", "I'")) or (len(text) > 1 and text[1].isupper()):
+        return text
+    first = _WORD.match(text)
+    if first and first.group(0) not in {"You", "Your", "In", "On", "At", "The", "After", "Before", "When", "By",
+                                         "During", "My", "A", "An", "As", "From", "With", "For", "Although"}:
+        return text  # likely a proper noun ("Babbage met ...")
+    return text[:1].lower() + text[1:]

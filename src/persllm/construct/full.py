@@ -1,0 +1,144 @@
+"""The full PersLLM construction with a capable teacher: it writes the questions, the analyses and the answers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from persllm.backends.base import GenParams
+from persllm.backends.cache import request_key
+from persllm.config import Project, StageConfig
+from persllm.construct.jobs import Failed, Job, Runner
+from persllm.construct.plan import Slot
+from persllm.construct.records import Answer, Draft, GeneralItem, Question
+from persllm.construct.retrieval import Context
+from persllm.construct.validate import parse_answer, parse_question, parse_response
+from persllm.prompts import Prompts
+from persllm.types import Message
+
+
+class FullMethod:
+    """Question generation, chain-of-thought golden answers and DPO negatives, all written by the teacher."""
+
+    name = "full"
+
+    def __init__(self, project: Project, prompts: Prompts, runner: Runner) -> None:
+        self.project = project
+        self.prompts = prompts
+        self.runner = runner
+        cfg = project.construct
+        self.params = GenParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=project.seed)
+
+    # -- questions ------------------------------------------------------------------------------------------
+    def questions(self, slots: Sequence[Slot]) -> dict[str, Question | Failed]:
+        """One teacher-written question per slot."""
+        jobs, by_key = [], {}
+        for slot in slots:
+            request = self._question_request(slot)
+            key = _key("question", slot.id, request)
+            by_key[key] = slot.id
+            jobs.append(Job(key, request, _question_parser(slot.kind, self.project.language), self.params))
+        results = self.runner.run("questions", jobs)
+        return {by_key[k]: v for k, v in results.items()}
+
+    def _question_request(self, slot: Slot) -> list[Message]:
+        stage = self.project.stage(slot.stage)
+        names = self._names(stage)
+        extra: dict[str, str] = {}
+        if slot.kind == "opinion":
+            extra["stance"] = self.prompts.fill(f"question.stances.{slot.variant}", **names)
+        elif slot.kind == "induced":
+            extra["subtype"] = self.prompts.fill(f"question.subtypes.{slot.variant}", **names)
+        system = self.prompts.fill(f"question.{slot.kind}", **names, **extra)
+        material = self.prompts.fill(f"question.material.{slot.seed.kind}", **names)
+        user = self.prompts.fill("question.user", **names, material=material, seed=slot.seed.text)
+        return [Message("system", system), Message("user", user)]
+
+    # -- golden answers -------------------------------------------------------------------------------------
+    def answers(self, drafts: Sequence[Draft]) -> dict[str, Answer | Failed]:
+        """Chain-of-thought golden answer for each draft, from that stage's retrieved material only."""
+        jobs, by_key = [], {}
+        for draft in drafts:
+            request = self.answer_request(draft.slot.stage, draft.question.text, draft.context,
+                                          induced=draft.slot.kind == "induced")
+            key = _key("answer", draft.slot.id, request)
+            by_key[key] = draft.slot.id
+            jobs.append(Job(key, request, _answer_parser, self.params))
+        results = self.runner.run("answers", jobs)
+        return {by_key[k]: v for k, v in results.items()}
+
+    def answer_request(self, stage_id: str, question: str, context: Context, induced: bool) -> list[Message]:
+        """The method's annotation prompt: time, persona, knowledge block, style block, CoT rules, examples."""
+        names = self._names(self.project.stage(stage_id))
+        warning = self.prompts.fill("answer.warning", **names) if induced else ""
+        system = self.prompts.fill("answer.system", **names, knowledge=context.knowledge or "-",
+                                   style=context.style or "-", warning=warning,
+                                   examples=self.prompts.get("answer.examples"))
+        return [Message("system", system), Message("user", self.prompts.fill("answer.user", question=question))]
+
+    # -- DPO negatives --------------------------------------------------------------------------------------
+    def negatives(self, drafts: Sequence[Draft], other: dict[str, tuple[str, Context]],
+                  types: Sequence[str]) -> dict[tuple[str, str], Answer | Failed]:
+        """Rejected-answer material: other stage, generic assistant, and premise-accepting answers."""
+        jobs: list[Job] = []
+        by_key: dict[str, tuple[str, str]] = {}
+        for draft in drafts:
+            sid = draft.slot.id
+            wanted: list[tuple[str, list[Message], Any]] = []
+            if "other_stage" in types and sid in other:
+                stage_id, context = other[sid]
+                wanted.append(("other_stage", self.answer_request(stage_id, draft.question.text, context,
+                                                                  draft.slot.kind == "induced"), _answer_parser))
+            if "non_personified" in types:
+                wanted.append(("non_personified", [
+                    Message("system", self.prompts.get("negative.non_personified")),
+                    Message("user", draft.question.text)], _response_parser))
+            if "induced" in types and draft.slot.kind == "induced":
+                names = self._names(self.project.stage(draft.slot.stage))
+                wanted.append(("induced", [
+                    Message("system", self.prompts.fill("negative.accept_premise", **names)),
+                    Message("user", draft.question.text)], _response_parser))
+            for neg_type, request, parser in wanted:
+                key = _key(f"negative-{neg_type}", sid, request)
+                by_key[key] = (sid, neg_type)
+                jobs.append(Job(key, request, parser, self.params))
+        results = self.runner.run("negatives", jobs)
+        return {by_key[k]: v for k, v in results.items()}
+
+    # -- stylised general data ------------------------------------------------------------------------------
+    def general(self, items: Sequence[GeneralItem]) -> dict[str, Answer | Failed]:
+        """General instructions re-answered in the persona's voice (or refused in character)."""
+        jobs, by_key = [], {}
+        for item in items:
+            names = self._names(self.project.stage(item.stage))
+            system = self.prompts.fill("general.system", **names, style=item.style or "-",
+                                       reference=item.reference, known_since=item.known_since_text)
+            request = [Message("system", system), Message("user", item.instruction)]
+            key = _key("general", item.id, request)
+            by_key[key] = item.id
+            jobs.append(Job(key, request, _answer_parser, self.params))
+        results = self.runner.run("general", jobs)
+        return {by_key[k]: v for k, v in results.items()}
+
+    def _names(self, stage: StageConfig) -> dict[str, str]:
+        return {"name": self.project.name, "label": stage.label}
+
+
+def _key(phase: str, item: str, request: Sequence[Message]) -> str:
+    return f"{phase}:{item}:{request_key('', request, GenParams())[:12]}"
+
+
+def _question_parser(kind: str, language: str) -> Any:
+    def parse(completion: Any) -> Question:
+        return Question(parse_question(completion, kind, language), origin="teacher")
+
+    return parse
+
+
+def _answer_parser(completion: Any) -> Answer:
+    analysis, response = parse_answer(completion)
+    return Answer(analysis, response, origin="teacher")
+
+
+def _response_parser(completion: Any) -> Answer:
+    return Answer("", parse_response(completion), origin="teacher")

@@ -1,0 +1,173 @@
+"""Stages over a project's output folder: ingest -> construct -> sft -> dpo -> eval.
+
+Each stage computes a fingerprint of everything its result depends on (its settings, the prompts or code version,
+and digests of the upstream outputs). A stage whose manifest carries the same fingerprint is skipped; deleting a
+stage's folder or changing a setting re-runs that stage, and downstream stages re-run only if its outputs changed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from persllm import __version__
+from persllm.config import Project, resolved_dict
+from persllm.errors import ConfigError
+from persllm.progress import NULL, Progress
+from persllm.types import Negative, Passage, Sample, from_record, to_record
+from persllm.workspace import STAGES, Workspace, fingerprint, read_jsonl, write_jsonl, write_yaml
+
+
+@dataclass
+class StageOutcome:
+    """What happened to one stage in a run."""
+
+    stage: str
+    skipped: bool
+    seconds: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def workspace(project: Project) -> Workspace:
+    """The project's output workspace."""
+    return Workspace(project.output)
+
+
+def run(project: Project, stages: Sequence[str] = STAGES, force: Collection[str] = (),
+        progress: Progress = NULL) -> list[StageOutcome]:
+    """Run stages in order, skipping those already done with the same inputs (unless named in `force`)."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+    ws = workspace(project)
+    write_yaml(ws.root / "config.resolved.yaml", resolved_dict(project) | {"persllm_version": __version__})
+    outcomes = []
+    for stage in STAGES:
+        if stage in stages:
+            outcomes.append(run_stage(project, stage, ws, force=stage in force, progress=progress))
+    return outcomes
+
+
+def run_stage(project: Project, stage: str, ws: Workspace, force: bool = False,
+              progress: Progress = NULL) -> StageOutcome:
+    """Run one stage unless its outputs are current."""
+    spec = STAGE_SPECS[stage]
+    upstream = ws.upstream_digests(stage)
+    fp = fingerprint(stage, spec.version, spec.config(project), upstream)
+    if not force and ws.is_current(stage, fp):
+        progress.note(f"{stage}: up to date, skipped")
+        manifest_stats = _read_stats(ws.stage_dir(stage))
+        return StageOutcome(stage, skipped=True, stats=manifest_stats)
+    ws.invalidate(stage)  # an interrupted re-run must never leave a manifest describing mixed outputs
+    started = time.monotonic()
+    out_dir = ws.stage_dir(stage)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_yaml(out_dir / "config.yaml", {"stage": stage, "fingerprint": fp, "settings": spec.config(project)})
+    stats = spec.run(project, ws, progress)
+    ws.finish(stage, fp, stats)
+    return StageOutcome(stage, skipped=False, seconds=time.monotonic() - started, stats=stats)
+
+
+def headline(stage: str, stats: dict[str, Any]) -> str:
+    """One line of the most useful numbers of a stage, for the run summary."""
+    if stage == "ingest":
+        return f"{stats.get('passages', 0)} passages ({stats.get('tokens', 0)} tokens)"
+    if stage == "construct":
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(stats.get("by_kind", {}).items()))
+        rejected = sum(stats.get("rejected", {}).values())
+        return (f"{stats.get('samples', 0)} samples ({kinds}); {sum(stats.get('negatives', {}).values())} "
+                f"negatives; {rejected} teacher outputs rejected; mode {stats.get('mode')}")
+    return ", ".join(f"{k} {v}" for k, v in stats.items() if isinstance(v, (int, float, str)))[:160]
+
+
+def _read_stats(stage_dir: Path) -> dict[str, Any]:
+    import json
+
+    path = stage_dir / "stats.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+# -- ingest ---------------------------------------------------------------------------------------------------------
+def _ingest_config(project: Project) -> dict[str, Any]:
+    from persllm.ingest import material_digest
+
+    return {"persona": project.name, "ingest": resolved_dict(project.ingest),
+            "stages": [[s.id, s.knowledge, s.style] for s in project.stages], "material": material_digest(project)}
+
+
+def _run_ingest(project: Project, ws: Workspace, progress: Progress) -> dict[str, Any]:
+    from persllm.ingest import ingest
+
+    passages, stats = ingest(project)
+    write_jsonl(ws.stage_dir("ingest") / "passages.jsonl", (to_record(p) for p in passages))
+    return stats
+
+
+def load_passages(ws: Workspace) -> list[Passage]:
+    """Passages written by ingest."""
+    return [from_record(Passage, r) for r in read_jsonl(ws.stage_dir("ingest") / "passages.jsonl")]
+
+
+# -- construct ------------------------------------------------------------------------------------------------------
+def _construct_config(project: Project) -> dict[str, Any]:
+    from persllm.construct import VERSION, resolve_mode
+    from persllm.prompts import load_prompts
+
+    teacher = resolved_dict(project.teacher)
+    return {"version": VERSION, "mode": resolve_mode(project), "prompts": load_prompts(project.language).version,
+            "teacher": {k: teacher[k] for k in ("backend", "model", "base_url")}, "persona": project.name,
+            "aliases": project.aliases, "language": project.language, "seed": project.seed,
+            "stages": [[s.id, s.label, s.description] for s in project.stages],
+            "construct": resolved_dict(project.construct), "general": _general_digest(project)}
+
+
+def _general_digest(project: Project) -> str:
+    from persllm.general import load_general
+    from persllm.types import stable_id
+
+    return stable_id(*(r.id + r.instruction + r.reference for r in load_general(project)))
+
+
+def _run_construct(project: Project, ws: Workspace, progress: Progress) -> dict[str, Any]:
+    from persllm.backends import open_backend
+    from persllm.backends.cache import CachedBackend
+    from persllm.construct import construct
+
+    passages = load_passages(ws)
+    teacher = CachedBackend(open_backend(project.teacher, seed=project.seed), ws.cache_dir / "teacher.sqlite")
+    try:
+        result = construct(project, passages, teacher, progress)
+    finally:
+        teacher.close()
+    out = ws.stage_dir("construct")
+    write_jsonl(out / "samples.jsonl", (to_record(s) for s in result.samples))
+    write_jsonl(out / "negatives.jsonl", (to_record(n) for n in result.negatives))
+    return result.stats
+
+
+def load_samples(ws: Workspace) -> list[Sample]:
+    """Samples written by construct."""
+    return [from_record(Sample, r) for r in read_jsonl(ws.stage_dir("construct") / "samples.jsonl")]
+
+
+def load_negatives(ws: Workspace) -> list[Negative]:
+    """DPO negatives written by construct."""
+    return [from_record(Negative, r) for r in read_jsonl(ws.stage_dir("construct") / "negatives.jsonl")]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """How to fingerprint and run one stage."""
+
+    version: str
+    config: Callable[[Project], Any]
+    run: Callable[[Project, Workspace, Progress], dict[str, Any]]
+
+
+STAGE_SPECS: dict[str, StageSpec] = {
+    "ingest": StageSpec("1", _ingest_config, _run_ingest),
+    "construct": StageSpec("1", _construct_config, _run_construct),
+}

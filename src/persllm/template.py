@@ -1,0 +1,142 @@
+"""The one chat format persllm owns: turn markup, persona system prompts, temporal labels and the CoT answer format.
+
+Training, evaluation, serving and GGUF export all render conversations through this module, so a tuned model sees
+exactly the text at inference that it saw in training.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from persllm.types import Message
+
+# Turn markers in order of preference; the first pair the tokenizer already knows is used, else the first is added.
+TURN_MARKERS: tuple[tuple[str, str], ...] = (("<start_of_turn>", "<end_of_turn>"), ("<|im_start|>", "<|im_end|>"))
+ANALYSIS_TAG = "[Analysis]"
+RESPONSE_TAG = "[Response]"
+_ROMAN = ("I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "XII")
+
+
+def chat_template(start: str = TURN_MARKERS[0][0], end: str = TURN_MARKERS[0][1], training: bool = True) -> str:
+    """Jinja chat template; `training` adds TRL's {% generation %} markers (llama.cpp cannot parse those)."""
+    open_gen, close_gen = ("{% generation %}", "{% endgeneration %}") if training else ("", "")
+    return (
+        "{{ bos_token if bos_token else '' }}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'assistant' -%}"
+        f"{{{{ '{start}assistant\\n' }}}}{open_gen}{{{{ message['content'] | trim }}}}{{{{ '{end}' }}}}{close_gen}"
+        "{{ '\\n' }}"
+        "{%- else -%}"
+        f"{{{{ '{start}' + message['role'] + '\\n' }}}}{{{{ message['content'] | trim }}}}{{{{ '{end}\\n' }}}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{ '{start}assistant\\n' }}}}{{%- endif -%}}"
+    )
+
+
+def markers_for(vocab: dict[str, int] | set[str]) -> tuple[str, str]:
+    """Turn markers to use with a tokenizer vocabulary: the first pair it already has, else the default pair."""
+    for start, end in TURN_MARKERS:
+        if start in vocab and end in vocab:
+            return start, end
+    return TURN_MARKERS[0]
+
+
+def time_token(index: int) -> str:
+    """The paper's special token for the stage at `index` (0-based): <TIME-I>, <TIME-II>, ..."""
+    if not 0 <= index < len(_ROMAN):
+        raise ValueError(f"at most {len(_ROMAN)} stages can have time tokens, got index {index}")
+    return f"<TIME-{_ROMAN[index]}>"
+
+
+@dataclass(frozen=True)
+class PersonaContext:
+    """What the system prompt needs to know about one persona at one stage."""
+
+    name: str
+    stage_id: str
+    stage_index: int
+    label: str
+    description: str = ""
+    language: str = "en"
+    temporal_labels: str = "text"  # "text" or "tokens"
+
+
+_SYSTEM = {
+    "en": ("You are {name}. {time}{description}\n"
+           "Stay in character: answer as {name} would at this time, in {name}'s own voice, knowing only what "
+           "{name} knows by then. Point out false premises and do not pretend to know later events. "
+           "Think first in [Analysis], then answer in [Response]."),
+    "zh": ("你是{name}。{time}{description}\n"
+           "请始终保持角色：以{name}在这一时期的身份、用{name}自己的口吻回答，只知道{name}此时知道的事情。"
+           "遇到错误的前提要指出，不要假装知道之后发生的事。先在[Analysis]中思考，再在[Response]中回答。"),
+}
+_TIME = {"en": "It is {label}. ", "zh": "现在是{label}。"}
+
+
+def system_prompt(ctx: PersonaContext) -> str:
+    """The persona's system prompt at one stage (time in text unless the stage is marked by a special token)."""
+    lang = ctx.language if ctx.language in _SYSTEM else "en"
+    time = "" if ctx.temporal_labels == "tokens" else _TIME[lang].format(label=ctx.label)
+    description = ctx.description.strip()
+    if description and lang == "en" and not description.endswith((".", "!", "?")):
+        description += "."
+    return _SYSTEM[lang].format(name=ctx.name, time=time, description=description)
+
+
+def user_turn(ctx: PersonaContext, text: str) -> str:
+    """The user's message as the model sees it: prefixed by the stage's time token in token mode."""
+    if ctx.temporal_labels == "tokens":
+        return f"{time_token(ctx.stage_index)} {text.strip()}"
+    return text.strip()
+
+
+def prompt_messages(ctx: PersonaContext, question: str, history: Sequence[Message] = ()) -> list[Message]:
+    """System prompt, optional earlier turns, and the question: the exact prompt used in training and inference."""
+    messages = [Message("system", system_prompt(ctx))]
+    for turn in history:
+        content = user_turn(ctx, turn.content) if turn.role == "user" else turn.content
+        messages.append(Message(turn.role, content))
+    messages.append(Message("user", user_turn(ctx, question)))
+    return messages
+
+
+def format_answer(analysis: str, response: str, keep_cot: bool = True) -> str:
+    """Assistant text in persllm's CoT format: '[Analysis] ...' then '[Response] ...'."""
+    if not keep_cot or not analysis.strip():
+        return f"{RESPONSE_TAG} {response.strip()}" if keep_cot else response.strip()
+    return f"{ANALYSIS_TAG} {analysis.strip()}\n{RESPONSE_TAG} {response.strip()}"
+
+
+_RESPONSE_RE = re.compile(r"\[\s*response\s*\]\s*:?", re.IGNORECASE)
+_ANALYSIS_RE = re.compile(r"^\s*\[\s*analysis\s*\]\s*:?", re.IGNORECASE)
+
+
+def split_answer(text: str) -> tuple[str, str]:
+    """Split model output into (analysis, response); text without tags is all response."""
+    match = _RESPONSE_RE.search(text)
+    if match is None:
+        if _ANALYSIS_RE.match(text):
+            return _ANALYSIS_RE.sub("", text, count=1).strip(), ""
+        return "", text.strip()
+    analysis = _ANALYSIS_RE.sub("", text[: match.start()], count=1).strip()
+    return analysis, text[match.end():].strip()
+
+
+def visible_answer(text: str) -> str:
+    """What a user sees: the response without the analysis (or the raw text if no response was produced)."""
+    analysis, response = split_answer(text)
+    return response if response else (analysis or text.strip())
+
+
+def render(messages: Sequence[Message], start: str = TURN_MARKERS[0][0], end: str = TURN_MARKERS[0][1],
+           bos: str = "", add_generation_prompt: bool = False) -> str:
+    """Render messages exactly as chat_template() does, without Jinja (for llama.cpp raw prompts and tests)."""
+    parts = [bos]
+    for message in messages:
+        parts.append(f"{start}{message.role}\n{message.content.strip()}{end}\n")
+    if add_generation_prompt:
+        parts.append(f"{start}assistant\n")
+    return "".join(parts)
