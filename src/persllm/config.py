@@ -59,10 +59,13 @@ class ModelSpec:
 
 
 def parse_model_spec(value: str) -> ModelSpec:
-    """Parse 'default', 'openai:gpt-4o-mini', 'llamacpp:/m.gguf', 'hf:Qwen/Qwen2.5-0.5B' or 'fake'."""
+    """Parse 'default', 'openai:gpt-4o-mini[@http://host:8000/v1]', 'llamacpp:/m.gguf', 'hf:Qwen/Qwen2.5-0.5B', 'fake'."""
     backend, _, target = value.partition(":")
     if backend not in ("default", "openai", "llamacpp", "hf", "fake"):
-        raise ValueError(f"unknown backend {backend!r}; use default, openai:MODEL, llamacpp:PATH, hf:MODEL or fake")
+        raise ValueError(f"unknown backend {backend!r}; use default, openai:MODEL[@URL], llamacpp:PATH, hf:MODEL or fake")
+    model, at, url = target.partition("@")
+    if backend == "openai" and at and url.startswith(("http://", "https://")):
+        return ModelSpec(backend="openai", model=model, base_url=url)
     return ModelSpec(backend=backend, model=target)  # type: ignore[arg-type]
 
 
@@ -366,10 +369,24 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     *parents, last = key.split(".")
     node = data
     for part in parents:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
+        current = node.get(part)
+        if isinstance(current, str):  # a model shorthand such as "openai:m@url" gains sub-keys: expand it first
+            try:
+                current = _spec_mapping(parse_model_spec(current))
+            except ValueError:
+                current = None
+        if not isinstance(current, dict):
+            current = {}
+        node[part] = current
+        node = current
     node[last] = value
+
+
+def _spec_mapping(spec: ModelSpec) -> dict[str, Any]:
+    """The non-default fields of a ModelSpec, as they would be written in YAML."""
+    default = ModelSpec()
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
+            if getattr(spec, f.name) != getattr(default, f.name) or f.name == "backend"}
 
 
 def _build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
@@ -396,10 +413,12 @@ def _build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
         converted = _convert(hints[key], value, path, errors)
         if converted is not _INVALID:
             kwargs[key] = converted
-    missing = [n for n, f in fields.items() if n not in kwargs and _required(f) and n not in data]
+    # Invalid optional keys fall back to their defaults (the error is already recorded) so that later checks still
+    # run and the user sees every problem in one go; a missing or invalid required key makes the object unbuildable.
+    missing = [n for n, f in fields.items() if n not in data and _required(f)]
     for name in missing:
         errors.append(f"missing required key {(where + '.' if where else '') + name!r}")
-    if missing or len(kwargs) < len([k for k in data if k in fields]):
+    if any(_required(fields[n]) and n not in kwargs for n in fields if n in data) or missing:
         return None
     try:
         return cls(**kwargs)
@@ -489,6 +508,9 @@ def _check_project(project: Project) -> list[str]:
         seen.add(stage.id)
         if not stage.label.strip():
             errors.append(f"{where}.label: must not be empty")
+        for key in ("label", "description"):
+            if getattr(stage, key).strip().upper().startswith("TODO"):
+                errors.append(f"{where}.{key}: still the TODO placeholder from `persllm init`; replace it")
         for key in ("knowledge", "style"):
             errors.extend(_check_material(project, getattr(stage, key), f"{where}.{key}"))
     mix = project.construct.kinds

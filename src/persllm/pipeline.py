@@ -63,10 +63,9 @@ def run_stage(project: Project, stage: str, ws: Workspace, force: bool = False,
         return StageOutcome(stage, skipped=True, stats=manifest_stats)
     ws.invalidate(stage)  # an interrupted re-run must never leave a manifest describing mixed outputs
     started = time.monotonic()
-    out_dir = ws.stage_dir(stage)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_yaml(out_dir / "config.yaml", {"stage": stage, "fingerprint": fp, "settings": spec.config(project)})
     stats = spec.run(project, ws, progress)
+    write_yaml(ws.stage_dir(stage) / "config.yaml", {"stage": stage, "fingerprint": fp,
+                                                     "settings": spec.config(project)})
     ws.finish(stage, fp, stats)
     return StageOutcome(stage, skipped=False, seconds=time.monotonic() - started, stats=stats)
 

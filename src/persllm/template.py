@@ -9,8 +9,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from persllm.types import Message
+
+if TYPE_CHECKING:
+    from persllm.config import Project
 
 # Turn markers in order of preference; the first pair the tokenizer already knows is used, else the first is added.
 TURN_MARKERS: tuple[tuple[str, str], ...] = (("<start_of_turn>", "<end_of_turn>"), ("<|im_start|>", "<|im_end|>"))
@@ -62,6 +66,15 @@ class PersonaContext:
     description: str = ""
     language: str = "en"
     temporal_labels: str = "text"  # "text" or "tokens"
+
+
+def context_for(project: Project, stage_id: str) -> PersonaContext:
+    """The persona context of one stage of a project, with the project's temporal-label mode."""
+    stage = project.stage(stage_id)
+    index = [s.id for s in project.stages].index(stage_id)
+    return PersonaContext(name=project.name, stage_id=stage.id, stage_index=index, label=stage.label,
+                          description=stage.description, language=project.language,
+                          temporal_labels=project.sft.temporal_labels)
 
 
 _SYSTEM = {

@@ -162,17 +162,21 @@ class HFBackend:
         for i, seq in enumerate(seqs):  # right padding keeps positions aligned with the unpadded sequence
             ids[i, : len(seq)] = torch.tensor(seq)
             mask[i, : len(seq)] = 1
+        # Only positions that predict continuation tokens need logits: with a 262k vocabulary, full logits for a
+        # batch would take gigabytes, so the LM head runs on that window alone (transformers' logits_to_keep).
+        first = max(0, min(len(p) for p in prompts) - 1)
+        window = torch.arange(first, width - 1)
         with self._lock, torch.inference_mode():
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                logits_to_keep=window.to(self.device)).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
         out = []
         for i, (p, c) in enumerate(zip(prompts, conts)):
             if not c:
                 out.append((0.0, 0))
                 continue
-            positions = torch.arange(len(p) - 1, len(p) + len(c) - 1)
-            targets = torch.tensor(c)
-            out.append((float(logprobs[i, positions, targets].sum()), len(c)))
+            positions = torch.arange(len(p) - 1, len(p) + len(c) - 1) - first
+            out.append((float(logprobs[i, positions, torch.tensor(c)].sum()), len(c)))
         return out
 
 

@@ -23,7 +23,7 @@ stages:
 STAGE_YAML = """\
   - id: {id}
     label: "{label}"            # the time the persona lives in at this stage
-    description: {description}
+    description: "{description}"
     knowledge: {id}_knowledge.txt   # objective material (experiences, knowledge), one paragraph per line
     style: {id}_style.txt           # the persona's own words, one paragraph per line
 """

@@ -72,21 +72,24 @@ def construct(project: Project, passages: Sequence[Passage], teacher: Backend,
     keep, dropped = near_duplicates([q.text for _, q in asked], cfg.dedup_threshold)
     asked = [asked[i] for i in keep]
 
-    # 2. Golden answers, each from its own stage's retrieved material (temporal conditioning).
-    drafts = [Draft(s, q, retrievers[s.stage].context(s.seed, q.text, cfg.knowledge_budget, cfg.style_budget))
+    # 2. Golden answers, each from its own stage's retrieved material (temporal conditioning). Training items never
+    #    see the persona's held-out words (test style seeds), so held-out perplexity measures style, not recall.
+    held_out = frozenset(s.seed.id for s in slots if s.split == "test" and s.seed.kind == "style")
+    drafts = [Draft(s, q, retrievers[s.stage].context(s.seed, q.text, cfg.knowledge_budget, cfg.style_budget,
+                                                      held_out if s.split == "train" else frozenset()))
               for s, q in asked]
     answers = method.answers(drafts)
     answered = [d for d in drafts if isinstance(answers[d.slot.id], Answer)]
     samples = [_sample(project, d, answers[d.slot.id], mode, prompts.version) for d in answered]
 
     # 3. Stylised general data (the method's mode 3).
-    items = _general_items(project, retrievers)
+    items = _general_items(project, retrievers, held_out)
     general = method.general(items)
     samples += [_general_sample(project, item, general[item.id], mode, prompts.version)
                 for item in items if isinstance(general[item.id], Answer)]
 
     # 4. Rejected-answer material for automated DPO.
-    other = _other_stage_contexts(project, answered, retrievers) if len(project.stages) > 1 else {}
+    other = _other_stage_contexts(project, answered, retrievers, held_out) if len(project.stages) > 1 else {}
     rejected = method.negatives(answered, other, cfg.negatives)
     negatives = [Negative(id=stable_id(sid, neg_type), sample_id=_sample_id(project, sid), type=neg_type,
                           response=a.response, analysis=a.analysis,
@@ -117,7 +120,8 @@ def _fact_origin(answer: Answer) -> dict[str, str]:
     return {"fact": answer.meta["fact_origin"]} if "fact_origin" in answer.meta else {}
 
 
-def _general_items(project: Project, retrievers: dict[str, Retriever]) -> list[GeneralItem]:
+def _general_items(project: Project, retrievers: dict[str, Retriever],
+                   held_out: frozenset[str]) -> list[GeneralItem]:
     """A seeded choice of general instructions per stage, each with that stage's style context."""
     n = project.construct.general_per_stage
     if n <= 0:
@@ -127,7 +131,7 @@ def _general_items(project: Project, retrievers: dict[str, Retriever]) -> list[G
     for stage in project.stages:
         rng = random.Random(stable_id(project.seed, stage.id, "general"))
         chosen = rng.sample(records, k=min(n, len(records)))
-        styles = [p for p in retrievers[stage.id].passages if p.kind == "style"][:3]
+        styles = [p for p in retrievers[stage.id].passages if p.kind == "style" and p.id not in held_out][:3]
         style = " ... ".join(p.text for p in styles)
         for record in chosen:
             items.append(GeneralItem(id=f"{stage.id}-gen-{stable_id(record.id, stage.id, length=10)}",
@@ -145,17 +149,19 @@ def _general_sample(project: Project, item: GeneralItem, answer: Answer, mode: s
                                        "origin": {"answer": answer.origin}, **answer.meta})
 
 
-def _other_stage_contexts(project: Project, drafts: Sequence[Draft],
-                          retrievers: dict[str, Retriever]) -> dict[str, tuple[str, Context]]:
+def _other_stage_contexts(project: Project, drafts: Sequence[Draft], retrievers: dict[str, Retriever],
+                          held_out: frozenset[str]) -> dict[str, tuple[str, Context]]:
     """For each question, the next stage's own context (retrieved from that stage, not copied from this one)."""
     cfg = project.construct
     ids = [s.id for s in project.stages]
     out = {}
     for draft in drafts:
         other = ids[(ids.index(draft.slot.stage) + 1) % len(ids)]
-        ranked = retrievers[other].rank(draft.question.text)
+        exclude = held_out if draft.slot.split == "train" else frozenset()
+        ranked = [p for p in retrievers[other].rank(draft.question.text) if p.id not in exclude]
         if ranked:
-            ctx = retrievers[other].context(ranked[0], draft.question.text, cfg.knowledge_budget, cfg.style_budget)
+            ctx = retrievers[other].context(ranked[0], draft.question.text, cfg.knowledge_budget, cfg.style_budget,
+                                            exclude)
             out[draft.slot.id] = (other, ctx)
     return out
 

@@ -105,17 +105,19 @@ class Retriever:
         order = sorted(range(len(self.passages)), key=lambda i: (-scores[i], i))
         return [self.passages[i] for i in order if kind is None or self.passages[i].kind == kind]
 
-    def context(self, seed: Passage, query: str, knowledge_budget: int, style_budget: int) -> Context:
-        """Seed passage first, then the best other passages until each token budget is reached."""
-        knowledge, k_ids = self._fill(seed, query, "knowledge", knowledge_budget)
-        style, s_ids = self._fill(seed, query, "style", style_budget)
+    def context(self, seed: Passage, query: str, knowledge_budget: int, style_budget: int,
+                exclude: frozenset[str] = frozenset()) -> Context:
+        """Seed passage first, then the best other passages (not in `exclude`) until each token budget is reached."""
+        knowledge, k_ids = self._fill(seed, query, "knowledge", knowledge_budget, exclude)
+        style, s_ids = self._fill(seed, query, "style", style_budget, exclude)
         return Context(knowledge, style, k_ids, s_ids)
 
-    def _fill(self, seed: Passage, query: str, kind: str, budget: int) -> tuple[str, tuple[str, ...]]:
+    def _fill(self, seed: Passage, query: str, kind: str, budget: int,
+              exclude: frozenset[str]) -> tuple[str, tuple[str, ...]]:
         chosen: list[Passage] = [seed] if seed.kind == kind else []
         used = sum(T.count_tokens(p.text) for p in chosen)
         for passage in self.rank(f"{query} {seed.text}", kind):
-            if passage.id == seed.id or any(passage.text in c.text for c in chosen):
+            if passage.id == seed.id or passage.id in exclude or any(passage.text in c.text for c in chosen):
                 continue
             cost = T.count_tokens(passage.text)
             if used + cost > budget:

@@ -1,0 +1,50 @@
+"""Models under test and in chat: 'base' (the prompted base model), 'sft', 'dpo', or any backend spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from persllm.backends import Backend, base_model_path, open_backend
+from persllm.config import ModelSpec, Project, parse_model_spec
+from persllm.errors import ConfigError
+
+TUNED = ("sft", "dpo")
+
+
+def adapter_dir(project: Project, variant: str) -> Path:
+    """Where the adapter of a tuned variant lives."""
+    return project.output / variant / "adapter"
+
+
+def available(project: Project) -> list[str]:
+    """Variants that can be loaded now: base always, sft/dpo once trained."""
+    return ["base"] + [v for v in TUNED if (adapter_dir(project, v) / "adapter_config.json").is_file()]
+
+
+def spec_for(project: Project, variant: str) -> ModelSpec:
+    """The ModelSpec a variant name stands for; tuned variants need their adapter on disk."""
+    if variant == "base":
+        return ModelSpec(backend="hf", model=base_model_path(project.base_model))
+    if variant in TUNED:
+        adapter = adapter_dir(project, variant)
+        if not (adapter / "adapter_config.json").is_file():
+            raise ConfigError(f"no {variant.upper()} adapter at {adapter}; run `persllm train {project.root}` first "
+                              f"(available now: {', '.join(available(project))})")
+        return ModelSpec(backend="hf", model=base_model_path(project.base_model), adapter=str(adapter))
+    if ":" in variant or variant in ("default", "fake"):
+        try:
+            return parse_model_spec(variant)
+        except ValueError as exc:
+            raise ConfigError(f"model {variant!r}: {exc}") from exc
+    raise ConfigError(f"unknown model {variant!r}; use base, sft, dpo, or a spec such as openai:gpt-4o-mini, "
+                      "hf:PATH or llamacpp:FILE.gguf")
+
+
+def open_variant(project: Project, variant: str) -> Backend:
+    """A backend for a variant (tuned variants load the base model plus their adapter stack)."""
+    spec = spec_for(project, variant)
+    if variant in ("base", *TUNED):
+        from persllm.backends.hf import HFBackend
+
+        return HFBackend(spec.model, adapter=spec.adapter or None, name=variant)
+    return open_backend(spec, seed=project.seed)
