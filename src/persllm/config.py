@@ -124,8 +124,8 @@ class ConstructConfig:
     """Rejected-answer material to produce for automated DPO."""
     test_fraction: float = 0.2
     """Share of seed passages whose samples are held out."""
-    dedup_threshold: float = 0.8
-    """Questions whose MinHash Jaccard similarity reaches this are near-duplicates."""
+    dedup_threshold: float = 0.7
+    """Questions whose character-shingle Jaccard similarity (MinHash estimate) reaches this are near-duplicates."""
     temperature: float = 0.7
     """Teacher sampling temperature."""
     max_tokens: int = 1024

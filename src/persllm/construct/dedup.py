@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections import defaultdict
 from collections.abc import Sequence
@@ -14,12 +15,18 @@ _PRIME = np.uint64((1 << 61) - 1)
 _MAX = np.uint64((1 << 32) - 1)
 
 
-def shingles(text: str, n: int = 3) -> set[int]:
-    """Hashed word n-grams (character n-grams for CJK), on normalised lowercase text."""
-    toks = [t.lower() for t in T.tokens(T.normalize(text)) if t[0].isalnum() or T.is_cjk(t)]
-    if len(toks) < n:
-        return {zlib.crc32(" ".join(toks).encode())} if toks else {0}
-    return {zlib.crc32(" ".join(toks[i:i + n]).encode()) for i in range(len(toks) - n + 1)}
+def shingles(text: str, n: int = 5) -> set[int]:
+    """Hashed character n-grams of the lowercased words (punctuation dropped).
+
+    Character shingles suit short questions: changing one word only touches the n-grams around it, whereas word
+    trigrams of a ten-word question would mostly change; they also work for Chinese without segmentation.
+    """
+    flat = re.sub(r"\s+", " ", re.sub(r"[^\w\s]", "", T.normalize(text).lower())).strip()
+    if T.is_cjk(flat):
+        n = 2  # a Chinese character carries about a word's worth of meaning: character bigrams are the norm
+    if len(flat) <= n:
+        return {zlib.crc32(flat.encode())}
+    return {zlib.crc32(flat[i:i + n].encode()) for i in range(len(flat) - n + 1)}
 
 
 def signatures(texts: Sequence[str], num_perm: int = 64, seed: int = 1) -> np.ndarray:
