@@ -93,6 +93,8 @@ def test_model_spec_shorthand() -> None:
     spec = parse_model_spec("openai:llama3@http://127.0.0.1:8080/v1")
     assert (spec.backend, spec.model, spec.base_url) == ("openai", "llama3", "http://127.0.0.1:8080/v1")
     assert parse_model_spec("hf:org/model").model == "org/model"
+    served = parse_model_spec("openai:ada-lovelace@mature:dpo@http://127.0.0.1:8000/v1")
+    assert (served.model, served.base_url) == ("ada-lovelace@mature:dpo", "http://127.0.0.1:8000/v1")
     with pytest.raises(ValueError):
         parse_model_spec("ollama:x")
 

@@ -63,9 +63,10 @@ def parse_model_spec(value: str) -> ModelSpec:
     backend, _, target = value.partition(":")
     if backend not in ("default", "openai", "llamacpp", "hf", "fake"):
         raise ValueError(f"unknown backend {backend!r}; use default, openai:MODEL[@URL], llamacpp:PATH, hf:MODEL or fake")
-    model, at, url = target.partition("@")
-    if backend == "openai" and at and url.startswith(("http://", "https://")):
-        return ModelSpec(backend="openai", model=model, base_url=url)
+    # split at the last "@http": served persllm model ids contain "@" themselves (ada-lovelace@mature:dpo)
+    cut = max(target.rfind("@http://"), target.rfind("@https://"))
+    if backend == "openai" and cut >= 0:
+        return ModelSpec(backend="openai", model=target[:cut], base_url=target[cut + 1:])
     return ModelSpec(backend=backend, model=target)  # type: ignore[arg-type]
 
 
@@ -218,6 +219,50 @@ class EvalConfig:
     """Generation budget per answer."""
     probes: str = ""
     """Extra probe file (JSONL) scored in addition to the generated probes."""
+    heldout_questions: int = 20
+    """Most held-out (test split) questions per stage for distinction, precision and ranking."""
+    temperature: float = 0.7
+    """Sampling temperature of the answers compared by the intra/stage/inter BLEU scores."""
+    think: bool = True
+    """Let local models write their [Analysis] before the [Response]; false starts their answers at [Response], so a
+    short max_new_tokens still reaches the answer (endpoints are never forced)."""
+    batch_size: int = 32
+    """Prompts generated together by local models (one decoding pass serves the whole batch)."""
+    rag_tokens: int = 400
+    """Tokens of retrieved material put in the system prompt of the 'rag' baseline."""
+    ipip: bool = True
+    """Administer the IPIP-NEO-120 Big Five inventory in character."""
+    ipip_stages: list[str] = field(default_factory=list)
+    """Stage ids at which the inventory is administered; empty = every stage; "first"/"last" name those stages."""
+    ipip_interview_items: int = 30
+    """Items also asked as open interview questions and rated by the judge (0 = none; spread over the 30 facets)."""
+    target: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Target Big Five profile per stage id: domain letter (O, C, E, A, N) -> mean on the 1-5 scale."""
+    target_from_teacher: bool = True
+    """Without a target, let the teacher estimate one per stage from the material."""
+    judge_items: int = 40
+    """Most items per model and judged criterion (0 = no judge)."""
+    judge_repeats: int = 3
+    """Independent judge samples per item (mean and confidence interval over them)."""
+    judge_retries: int = 2
+    """Extra attempts when a judge reply cannot be parsed; still unparseable = missing, never a score."""
+    judge_max_tokens: int = 96
+    """Judge output budget per verdict."""
+    embedding_model: str = ""
+    """sentence-transformers model for embedding-based distinction (empty = construct.embedding_model, else skipped)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_probes", "heldout_questions", "ipip_interview_items", "judge_items", "judge_retries"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"eval.{name} must not be negative, got {getattr(self, name)}")
+        if self.judge_repeats < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("eval.judge_repeats, eval.batch_size and eval.max_new_tokens must be at least 1")
+        for stage, profile in self.target.items():
+            for domain, value in profile.items():
+                if domain not in ("O", "C", "E", "A", "N"):
+                    raise ValueError(f"eval.target.{stage}: unknown domain {domain!r}; use O, C, E, A, N")
+                if not 1.0 <= float(value) <= 5.0:
+                    raise ValueError(f"eval.target.{stage}.{domain}: {value} is outside the 1-5 scale")
 
 
 @dataclass
@@ -283,7 +328,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "construct": {"questions_per_passage": 2, "max_per_stage": 12, "general_per_stage": 3, "max_tokens": 256},
         "sft": {"max_steps": 40, "batch_size": 4, "max_length": 320, "repeat": 1, "save_steps": 20},
         "dpo": {"max_steps": 16, "batch_size": 2, "max_length": 320, "pairs_per_sample": 1, "save_steps": 8},
-        "eval": {"max_probes": 16, "max_new_tokens": 72},
+        "eval": {"max_probes": 10, "max_new_tokens": 48, "heldout_questions": 2, "think": False,
+                 "ipip_stages": ["last"], "ipip_interview_items": 0, "judge_items": 1, "judge_repeats": 1,
+                 "judge_retries": 1, "judge_max_tokens": 24},
     },
 }
 

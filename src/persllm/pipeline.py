@@ -17,7 +17,7 @@ from persllm import __version__
 from persllm.config import Project, resolved_dict
 from persllm.errors import ConfigError
 from persllm.progress import NULL, Progress
-from persllm.types import Negative, Passage, Sample, from_record, to_record
+from persllm.types import Negative, Passage, PreferencePair, Sample, from_record, to_record
 from persllm.workspace import STAGES, Workspace, fingerprint, read_jsonl, write_jsonl, write_yaml
 
 
@@ -79,7 +79,22 @@ def headline(stage: str, stats: dict[str, Any]) -> str:
         rejected = sum(stats.get("rejected", {}).values())
         return (f"{stats.get('samples', 0)} samples ({kinds}); {sum(stats.get('negatives', {}).values())} "
                 f"negatives; {rejected} teacher outputs rejected; mode {stats.get('mode')}")
+    if stage in ("sft", "dpo"):
+        line = f"{stats.get('steps', 0)} steps, loss {_num(stats.get('final_loss'))}"
+        if stage == "dpo":
+            line += f", {stats.get('pairs', 0)} pairs, reward margin {_num(stats.get('reward_margin'))}"
+            acc = stats.get("preference_accuracy")
+            if acc:
+                line += "; held-out preference accuracy " + " -> ".join(
+                    f"{name} {_num(v.get('accuracy'))}" for name, v in acc.items())
+        if stats.get("smoke_warning"):
+            line += "; generation smoke test flagged: " + ", ".join(stats.get("smoke", {}).get("problems", []))
+        return line
     return ", ".join(f"{k} {v}" for k, v in stats.items() if isinstance(v, (int, float, str)))[:160]
+
+
+def _num(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
 
 
 def _read_stats(stage_dir: Path) -> dict[str, Any]:
@@ -157,6 +172,78 @@ def load_negatives(ws: Workspace) -> list[Negative]:
     return [from_record(Negative, r) for r in read_jsonl(ws.stage_dir("construct") / "negatives.jsonl")]
 
 
+# -- training -------------------------------------------------------------------------------------------------------
+def _prompt_format(project: Project) -> dict[str, Any]:
+    """What shapes the training prompts: persona, stages, language, temporal labels, CoT."""
+    from persllm import template
+
+    return {"template": template.VERSION, "persona": project.name, "language": project.language, "seed": project.seed,
+            "stages": [[s.id, s.label, s.description] for s in project.stages],
+            "temporal_labels": project.sft.temporal_labels, "keep_cot": project.sft.keep_cot,
+            "base_model": {k: v for k, v in resolved_dict(project.base_model).items() if k in ("backend", "model")}}
+
+
+def _sft_config(project: Project) -> dict[str, Any]:
+    return _prompt_format(project) | {"sft": resolved_dict(project.sft), "general": _general_digest(project)}
+
+
+def _run_sft(project: Project, ws: Workspace, progress: Progress) -> dict[str, Any]:
+    from persllm.general import load_general
+    from persllm.train import train_sft
+
+    general = [list(record.messages) for record in load_general(project)]
+    return train_sft(project, load_samples(ws), general, ws.stage_dir("sft"), progress)
+
+
+def _dpo_config(project: Project) -> dict[str, Any]:
+    return _prompt_format(project) | {"dpo": resolved_dict(project.dpo), "peers": _peer_digests(project)}
+
+
+def _peer_projects(project: Project) -> list[Project]:
+    from persllm.config import load_project
+
+    return [load_project(project.material_path(peer)) for peer in project.peers]
+
+
+def _peer_digests(project: Project) -> dict[str, str]:
+    """Digests of the peers' constructed data (their questions feed other_persona negatives)."""
+    digests = {}
+    for peer in _peer_projects(project):
+        manifest = Workspace(peer.output).manifest("construct")
+        digests[peer.slug] = manifest.digest if manifest else "not constructed"
+    return digests
+
+
+def _run_dpo(project: Project, ws: Workspace, progress: Progress) -> dict[str, Any]:
+    from persllm.backends import base_model_path
+    from persllm.train import build_pairs, pairs_by_split, preference_accuracy, train_dpo
+
+    samples = load_samples(ws)
+    peer_samples = [s for peer in _peer_projects(project) if Workspace(peer.output).manifest("construct")
+                    for s in load_samples(Workspace(peer.output))]
+    pairs, pair_stats = build_pairs(project, samples, load_negatives(ws), peer_samples)
+    split = pairs_by_split(pairs, samples)
+    out = ws.stage_dir("dpo")
+    write_jsonl(out / "pairs.jsonl", (to_record(p) | {"split": name} for name, group in split.items() for p in group))
+    stats = train_dpo(project, split.get("train", []), ws.stage_dir("sft"), out, progress)
+    held_out = split.get("test", [])
+    if held_out and project.sft.method != "full":
+        base = base_model_path(project.base_model)
+        with progress.task("held-out preference accuracy (base, sft, dpo)", total=3) as task:
+            accuracy = {}
+            for name, adapter in (("base", None), ("sft", ws.stage_dir("sft") / "adapter"), ("dpo", out / "adapter")):
+                accuracy[name] = preference_accuracy(base, adapter, held_out)
+                task.advance()
+        stats["preference_accuracy"] = accuracy
+    return stats | {"pair_stats": pair_stats}
+
+
+def load_pairs(ws: Workspace, split: str | None = None) -> list[PreferencePair]:
+    """DPO pairs written by the dpo stage (optionally one split)."""
+    path = ws.stage_dir("dpo") / "pairs.jsonl"
+    return [from_record(PreferencePair, r) for r in read_jsonl(path) if split is None or r.get("split") == split]
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """How to fingerprint and run one stage."""
@@ -169,4 +256,6 @@ class StageSpec:
 STAGE_SPECS: dict[str, StageSpec] = {
     "ingest": StageSpec("1", _ingest_config, _run_ingest),
     "construct": StageSpec("1", _construct_config, _run_construct),
+    "sft": StageSpec("1", _sft_config, _run_sft),
+    "dpo": StageSpec("1", _dpo_config, _run_dpo),
 }

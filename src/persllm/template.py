@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 # Turn markers in order of preference; the first pair the tokenizer already knows is used, else the first is added.
 TURN_MARKERS: tuple[tuple[str, str], ...] = (("<start_of_turn>", "<end_of_turn>"), ("<|im_start|>", "<|im_end|>"))
+VERSION = "2"  # bump when the rendered prompt or answer format changes: training stages depend on it
 ANALYSIS_TAG = "[Analysis]"
 RESPONSE_TAG = "[Response]"
 _ROMAN = ("I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "XII")
@@ -77,14 +78,13 @@ def context_for(project: Project, stage_id: str) -> PersonaContext:
                           temporal_labels=project.sft.temporal_labels)
 
 
+# Short on purpose: it precedes every training sample, and a small CPU-trained model pays for each token.
 _SYSTEM = {
     "en": ("You are {name}. {time}{description}\n"
-           "Stay in character: answer as {name} would at this time, in {name}'s own voice, knowing only what "
-           "{name} knows by then. Point out false premises and do not pretend to know later events. "
-           "Think first in [Analysis], then answer in [Response]."),
+           "Stay in character, in your own voice, knowing only what you know by then; correct false premises. "
+           "Think in [Analysis], then answer in [Response]."),
     "zh": ("你是{name}。{time}{description}\n"
-           "请始终保持角色：以{name}在这一时期的身份、用{name}自己的口吻回答，只知道{name}此时知道的事情。"
-           "遇到错误的前提要指出，不要假装知道之后发生的事。先在[Analysis]中思考，再在[Response]中回答。"),
+           "保持角色，用自己的口吻，只知道此时知道的事；指出错误前提。先在[Analysis]中思考，再在[Response]中回答。"),
 }
 _TIME = {"en": "It is {label}. ", "zh": "现在是{label}。"}
 

@@ -78,8 +78,12 @@ class HFBackend:
         errors: list[BaseException] = []
 
         def run() -> None:
+            import torch
+
             try:
                 with self._lock:
+                    if params.seed is not None:
+                        torch.manual_seed(params.seed)  # sampled streams are reproducible like complete()
                     self.model.generate(**kwargs)
             except BaseException as exc:  # surfaced to the caller below
                 errors.append(exc)
@@ -179,6 +183,151 @@ class HFBackend:
             out.append((float(logprobs[i, positions, torch.tensor(c)].sum()), len(c)))
         return out
 
+    def option_logprobs(self, requests: Sequence[Request], options: Sequence[str],
+                        prefix: str = "") -> list[list[float]]:
+        """Log-probability of each option (e.g. "1".."5") as the answer right after each prompt plus `prefix`.
+
+        All requests run in ONE batched forward that keeps logits for the last two positions only (logits_to_keep=2;
+        the 262k-vocabulary head never runs on the rest). The leading tokens the requests share (persona prompt and
+        questionnaire instructions) are encoded once and their KV cache is repeated across the batch, so only the
+        short differing tails are computed. An option is one token after the prompt, or two when the tokenizer splits
+        off a shared first piece (byte-level BPE turns " 2" into "Ġ", "2" but " 1" into "Ġ1"): then that piece is
+        appended to the prompt and the option's probability is P(piece) * P(rest | piece).
+        """
+        import torch
+
+        if not requests:
+            return []
+        rows, plans = zip(*(self._option_row(self.render(r) + prefix, options) for r in requests))
+        with self._lock, torch.inference_mode():
+            logits, *_ = self._prefill(list(rows), keep=2)
+        logprobs = torch.log_softmax(logits, dim=-1)  # [:, 0] predicts the last row token, [:, 1] the one after it
+        return [[sum(float(logprobs[i, pos, tok]) for pos, tok in steps) for steps in plan]
+                for i, plan in enumerate(plans)]
+
+    def generate_rows(self, requests: Sequence[Request], temperatures: Sequence[float], max_tokens: int,
+                      seed: int | None = None) -> list[Completion]:
+        """Generate for many rows in ONE decoding pass, each row greedy (temperature 0) or sampled at its own one.
+
+        The prompt prefix all rows share (a persona's system prompt) is encoded once and its KV cache repeated, so
+        greedy probes and sampled answers of one model cost a single prefill and a single decoding loop on CPU.
+        Sampled rows draw from one generator seeded with `seed`, so a rerun of the same batch is identical.
+        """
+        import torch
+
+        started = time.monotonic()
+        rows = [self.tokenizer(self.render(r), add_special_tokens=False)["input_ids"] for r in requests]
+        if not rows:
+            return []
+        temps = torch.tensor([max(0.0, t) for t in temperatures], dtype=torch.float32)
+        sampled = temps > 0
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        stops = torch.tensor(self.stop_ids or [-1])
+        pad = self.tokenizer.pad_token_id or 0
+        produced: list[Any] = []
+        with self._lock, torch.inference_mode():
+            logits, cache, mask, last = self._prefill(rows, keep=1, horizon=max_tokens)
+            done = torch.zeros(len(rows), dtype=torch.bool)
+            for _ in range(max_tokens):
+                step = logits[:, -1, :]
+                token = step.argmax(-1)
+                if bool(sampled.any()):
+                    probs = torch.softmax(step / temps.clamp(min=1e-5)[:, None], dim=-1)
+                    token = torch.where(sampled, torch.multinomial(probs, 1, generator=generator).squeeze(1), token)
+                token = torch.where(done, torch.full_like(token, pad), token)
+                produced.append(token)
+                done |= torch.isin(token, stops)
+                if bool(done.all()):
+                    break
+                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype)], dim=1)
+                last = last + 1
+                logits = self.model(input_ids=token[:, None].to(self.device), attention_mask=mask.to(self.device),
+                                    position_ids=last[:, None].to(self.device), past_key_values=cache,
+                                    use_cache=True, logits_to_keep=1).logits.float().cpu()
+        return self._completions(rows, produced, max_tokens, started)
+
+    def _completions(self, rows: list[list[int]], produced: list[Any], max_tokens: int,
+                     started: float) -> list[Completion]:
+        out = []
+        columns = [t.tolist() for t in produced]
+        for i, row in enumerate(rows):
+            ids = [c[i] for c in columns]
+            end = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
+            kept = ids if end is None else ids[:end]
+            completion = Completion(text=self.tokenizer.decode(kept, skip_special_tokens=True),
+                                    finish_reason="stop" if end is not None or len(ids) < max_tokens else "length",
+                                    prompt_tokens=len(row), completion_tokens=len(kept))
+            self.usage.add(completion, (time.monotonic() - started) / len(rows))
+            out.append(completion)
+        return out
+
+    def _prefill(self, rows: list[list[int]], keep: int, horizon: int = 0) -> tuple[Any, Any, Any, Any]:
+        """Run token rows that share a prefix: the prefix once (its KV cache repeated), the tails in one batch.
+
+        Tails are left-padded so every row ends in the last column; RoPE positions continue the prefix and skip the
+        padding (causality is index-based and pads are masked). Returns the last `keep` logits per row, the cache,
+        the attention mask and each row's last position, so a decoding loop can continue from there. `horizon` is
+        how many tokens will follow (generation).
+        """
+        import torch
+
+        shared = _common_prefix(rows)
+        shared = shared[: max(0, min(len(shared), min(len(r) for r in rows) - keep))]  # rows keep `keep` own tokens
+        window = getattr(self.model.config, "sliding_window", None)
+        if window and max(len(r) for r in rows) + horizon >= window:
+            # Padding between prefix and tail would count in sliding-window distances; plain left padding is exact.
+            shared = []
+        tails = [r[len(shared):] for r in rows]
+        pad = self.tokenizer.pad_token_id or 0
+        width = max(len(t) for t in tails)
+        ids = torch.full((len(tails), width), pad, dtype=torch.long)
+        tail_mask = torch.zeros((len(tails), width), dtype=torch.long)
+        for i, tail in enumerate(tails):
+            ids[i, width - len(tail):] = torch.tensor(tail)
+            tail_mask[i, width - len(tail):] = 1
+        positions = len(shared) + (tail_mask.cumsum(1) - 1).clamp(min=0)
+        mask = torch.cat([torch.ones((len(tails), len(shared)), dtype=torch.long), tail_mask], dim=1)
+        cache = None
+        if shared:
+            cache = self.model(input_ids=torch.tensor([shared], device=self.device), use_cache=True,
+                               logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(len(tails))
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
+                         logits_to_keep=keep)
+        return out.logits.float().cpu(), out.past_key_values, mask, positions[:, -1]
+
+    def _option_row(self, text: str, options: Sequence[str]) -> tuple[list[int], list[tuple[tuple[int, int], ...]]]:
+        """The tokens to run for one prompt, and for each option the (logit position, token) steps that spell it.
+
+        Tokenizing text+option (not text and option apart) respects merges such as Ġ1 in byte-level BPE.
+        """
+        encoded = self.tokenizer([text + o for o in options], add_special_tokens=False)["input_ids"]
+        context = _common_prefix(encoded)
+        tails = [e[len(context):] for e in encoded]
+        firsts = [t[0] for t in tails if t]
+        if len(tails) >= 2 and all(len(t) == 1 for t in tails) and len(set(firsts)) == len(firsts) and context:
+            return context, [((1, t[0]),) for t in tails]
+        pieces = {t[0] for t in tails if len(t) == 2}
+        singles = [t[0] for t in tails if len(t) == 1]
+        seconds = [t[1] for t in tails if len(t) == 2]
+        if (context and all(1 <= len(t) <= 2 for t in tails) and len(pieces) == 1 and not pieces & set(singles)
+                and len(set(singles)) == len(singles) and len(set(seconds)) == len(seconds)):
+            piece = pieces.pop()
+            steps = [((0, t[0]),) if len(t) == 1 else ((0, piece), (1, t[1])) for t in tails]
+            return context + [piece], steps
+        raise BackendError(f"{self.name}: options {list(options)} are not one or two distinct tokens after "
+                           f"{text[-40:]!r}; use single-character options such as 1-5")
+
+def _common_prefix(rows: Sequence[Sequence[int]]) -> list[int]:
+    """Longest shared leading run of token ids."""
+    first = rows[0]
+    n = min(len(r) for r in rows)
+    for j in range(n):
+        if any(r[j] != first[j] for r in rows[1:]):
+            return list(first[:j])
+    return list(first[:n])
+
 
 ADAPTER_STACK_FILE = "persllm_adapter.json"
 
@@ -203,11 +352,11 @@ def adapter_stack(adapter: Path) -> list[Path]:
 
 
 def load_adapter_stack(model: Any, adapter: Path) -> Any:
-    """Merge every adapter below `adapter` into the model, then attach `adapter` itself (unmerged)."""
+    """Merge every adapter of the stack, bottom first, into the model (inference needs no separate adapter, and an
+    unmerged adapter with trainable token rows would rebuild the whole embedding on every forward pass)."""
     from peft import PeftModel
 
-    *below, top = adapter_stack(adapter)
-    for path in below:
+    for path in adapter_stack(adapter):
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-    return PeftModel.from_pretrained(model, str(top))
+    return model
 

@@ -54,7 +54,7 @@ def load(project: Path, preset: str | None, overrides: Sequence[str], output: Pa
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: PersllmErrors become one-line messages and exit code 1; Ctrl-C exits 130."""
-    from persllm.cli import chat, commands  # noqa: F401  (registers the commands)
+    from persllm.cli import chat, commands, use  # noqa: F401  (registers the commands)
 
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="persllm", standalone_mode=False)

@@ -133,3 +133,31 @@ def _run_stages(project: Any, stages: list[str], force: bool, force_only: str | 
     rows = [[o.stage, "skipped (up to date)" if o.skipped else "done", f"{o.seconds:.0f}s" if not o.skipped else "-",
              escape(pipeline.headline(o.stage, o.stats))] for o in outcomes]
     console.print(summary_table("Summary", rows, ["stage", "status", "time", "result"]))
+
+
+@cli.command()
+@project_options
+@click.option("--format", "fmt", type=click.Choice(["trl", "llamafactory", "axolotl", "all"]), default="all",
+              show_default=True, help="Target trainer format.")
+@click.option("--to", "dest", type=click.Path(path_type=Path), default=None,
+              help="Destination folder (default: <output>/export/<format>).")
+def export(project: Path, preset: str | None, overrides: Sequence[str], output: Path | None, fmt: str,
+           dest: Path | None) -> None:
+    """Export constructed data (and DPO pairs, once trained) for TRL, LLaMA-Factory or axolotl."""
+    from persllm import export as exporter
+    from persllm import pipeline
+    from persllm.errors import DataError
+
+    proj = load(project, preset, overrides, output)
+    ws = pipeline.workspace(proj)
+    if ws.manifest("construct") is None:
+        raise DataError(f"nothing to export yet: run `persllm construct {project}` first")
+    samples = pipeline.load_samples(ws)
+    pairs = pipeline.load_pairs(ws, "train") if ws.manifest("dpo") else []
+    formats = exporter.FORMATS if fmt == "all" else (fmt,)
+    for name in formats:
+        target = (dest / name if dest and fmt == "all" else dest) or ws.root / "export" / name
+        files = exporter.export(proj, samples, pairs, name, target)
+        console.print(f"[bold]{name}[/bold]: " + ", ".join(escape(str(f)) for f in files))
+    if not pairs:
+        console.print("[dim]DPO pairs are exported once `persllm train` has built them.[/dim]")

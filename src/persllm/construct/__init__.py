@@ -24,6 +24,7 @@ from persllm.construct.jobs import Runner
 from persllm.construct.plan import Slot, make_plan
 from persllm.construct.records import Answer, Draft, GeneralItem, Question
 from persllm.construct.retrieval import Context, Retriever
+from persllm.errors import DataError
 from persllm.general import load_general
 from persllm.progress import NULL, Progress
 from persllm.prompts import load_prompts
@@ -97,8 +98,20 @@ def construct(project: Project, passages: Sequence[Passage], teacher: Backend,
                  for (sid, neg_type), a in sorted(rejected.items()) if isinstance(a, Answer)]
 
     stats = _stats(project, mode, slots, questions, dropped, answers, samples, negatives, runner, teacher)
+    _require_samples(project, samples, stats)
     stats["seconds"] = round(time.monotonic() - started, 1)
     return ConstructResult(samples, negatives, stats)
+
+
+def _require_samples(project: Project, samples: Sequence[Sample], stats: dict[str, Any]) -> None:
+    """Stop with the teacher's rejection reasons when a stage got no personified sample at all."""
+    have = {s.stage for s in samples if s.kind != "general" and s.split == "train"}
+    empty = [s.id for s in project.stages if s.id not in have]
+    if empty:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(stats["rejected"].items(), key=lambda kv: -kv[1])[:5])
+        raise DataError(f"construct produced no training samples for stage(s) {', '.join(empty)} "
+                        f"(mode {stats['mode']}, teacher {stats['teacher']}; rejected outputs: {reasons or 'none'}); "
+                        "check the teacher, or use construct.mode=grounded for a weak local model")
 
 
 def _sample_id(project: Project, slot_id: str) -> str:

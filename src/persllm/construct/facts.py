@@ -23,7 +23,10 @@ _NOT_ENTITY = {"I", "In", "On", "At", "The", "A", "An", "After", "Before", "When
                "They", "Their", "It", "Its", "This", "That", "These", "Those", "By", "From", "As", "With", "For",
                "During", "Although", "Though", "Every", "Each", "Later", "Soon", "Then", "There", "My", "We", "Our",
                "You", "Your", "But", "And", "Yet", "Not", "No", "Yes", "What", "How", "Why", "Who", "Where", "To",
-               "Both", "Once", "Only", "Even", "Since", "Until", "Over", "Under", "Many", "Most", "Some", "All"}
+               "Both", "Once", "Only", "Even", "Since", "Until", "Over", "Under", "Many", "Most", "Some", "All",
+               "Whatever", "Whenever", "However", "Nothing", "Everything", "Everyone", "Nobody", "Somebody",
+               "Perhaps", "Indeed", "Still", "So", "If", "Now", "Here", "Today", "Tomorrow", "Yesterday", "Let",
+               "Do", "Does", "Did", "Is", "Was", "Are", "Were", "Can", "Could", "Will", "Would", "Should", "Must"}
 _ENTITY = re.compile(r"\b[A-Z][\w'’\-]*(?:(?:\s+(?:of|de|la|le|du|von|van|the|di|da))*\s+[A-Z][\w'’\-]*)*",
                      re.UNICODE)
 _YEAR = re.compile(r"(?<!\d)(1[0-9]{3}|20[0-9]{2})(?!\d)")
@@ -203,6 +206,8 @@ def entities(text: str, ref: PersonaRef) -> list[str]:
     for match in _ENTITY.finditer(text):
         phrase = match.group(0).strip()
         words = phrase.split()
+        if "I" in words:  # "Whatever I" / "Babbage I": the pronoun ends any name before it
+            words = words[: words.index("I")]
         while words and words[0] in _NOT_ENTITY:
             words = words[1:]
         phrase = re.sub(r"['’]s$", "", " ".join(words))

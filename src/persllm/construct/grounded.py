@@ -232,10 +232,12 @@ class GroundedMethod:
             parts.append(self.prompts.fill(a + "identity", **names))
         else:
             parts.append(self.prompts.fill(a + "premise_ok", **names))
-        parts.append(self.prompts.fill(a + "fact", **names, fact=third))
+        if premise not in ("after_time", "identity"):  # a random fact would only distract from the refusal
+            parts.append(self.prompts.fill(a + "fact", **names, fact=T.truncate_tokens(third, 30)))
         conclusion = question.meta.get("stance") or ("correct" if premise else "ordinary")
         parts.append(self.prompts.fill(a + conclusion, **names))
-        return self.joiner.join(parts)
+        # Kept short on purpose: a small model pays for every analysis token before it reaches the response.
+        return self.joiner.join(p for p in parts if p)
 
     def _response(self, kind: str, question: Question, names: dict[str, str], fact: str, style: list[str],
                   rng: random.Random) -> str:
@@ -302,7 +304,13 @@ class GroundedMethod:
                 bonus = 1.0 if order == 0 and seed.kind == "style" else 0.0
                 scored.append((len(words & set(T.content_words(sentence))) + bonus, -order, -position, sentence))
         scored.sort(reverse=True)
-        return [s for *_, s in scored[:limit]]
+        chosen: list[str] = []
+        for *_, sentence in scored:  # the seed passage is also in the context: never say the same thing twice
+            if sentence not in chosen:
+                chosen.append(sentence)
+            if len(chosen) == limit:
+                break
+        return chosen
 
     def _prepare_facts(self, sentences: Sequence[str]) -> None:
         """First-person versions of knowledge sentences: model rewrite if it passes checks, else the rules."""
@@ -360,7 +368,7 @@ class GroundedMethod:
             year = F.label_year(stage.label)
             names = {"name": self.project.name, "label": stage.label, "question": item.instruction}
             knowable = year is None or item.known_since is None or item.known_since <= year
-            analysis = [self.prompts.fill("grounded.analysis.ask", **names)]
+            analysis = []
             if knowable:
                 analysis.append(self.prompts.fill("grounded.analysis.premise_ok", **names))
                 analysis.append(self.prompts.fill("grounded.analysis.ordinary", **names))

@@ -1,0 +1,384 @@
+"""Supervised fine-tuning on personified CoT data mixed with general conversations (TRL SFTTrainer + PEFT)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from persllm.config import Project, resolved_dict
+from persllm.errors import DataError
+from persllm.progress import NULL, Progress
+from persllm.train import _model
+from persllm.train.data import build_sft_records, sample_prompt
+from persllm.types import Message, Sample
+from persllm.workspace import atomic_path, replace_dir, write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "persllm_run.json"  # fingerprint of the run the checkpoints belong to
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_METRIC_KEYS = ("loss", "learning_rate", "grad_norm", "epoch", "mean_token_accuracy", "entropy",
+                "num_input_tokens_seen")
+SMOKE_PROMPTS = 3
+
+
+def train_sft(project: Project, samples: Sequence[Sample], general: Sequence[Sequence[Message]], out_dir: Path,
+              progress: Progress = NULL, resume: bool = True, *, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Fine-tune the base model; write adapter/ (or model/), metrics.jsonl, curves.png, smoke.json; return stats.
+
+    `callbacks` are extra transformers TrainerCallbacks (tests use one to interrupt a run).
+    """
+    started = time.monotonic()
+    sft = project.sft
+    with _model.session():
+        run = prepare_sft(project, samples, general, out_dir, progress, resume, callbacks=callbacks)
+        trainer = run.trainer
+        try:
+            result = trainer.train(resume_from_checkpoint=run.checkpoint)
+        finally:
+            run.tracker.close()
+        target = run.out_dir / ("model" if sft.method == "full" else "adapter")
+        stack = None if sft.method == "full" else stack_meta(target, run.loaded.below, run.loaded.base_path)
+        save_final(trainer.model, run.tokenizer, target, stack)
+        metrics = write_metrics(run.out_dir, trainer.state.log_history)
+        prompts = [sample_prompt(project, s) for s in smoke_samples(samples, project.seed)]
+        smoke = _model.smoke_test(trainer.model, run.tokenizer, prompts, sft.keep_cot)
+        write_json(run.out_dir / "smoke.json", smoke)
+        shutil.rmtree(run.ckpt_dir, ignore_errors=True)  # finished: the adapter is the result
+    return run_stats(trainer, result, metrics, smoke, started, run.checkpoint, run.fast) | {
+        "method": sft.method, "samples": run.counts, "output": str(target),
+        "trainable_parameters": trainable_parameters(trainer.model)}
+
+
+@dataclass
+class SFTRun:
+    """A configured SFT trainer and what it was built from (prepare_sft's result)."""
+
+    trainer: Any
+    tokenizer: Any  # the tokenizer saved with the adapter (the trainer works on a copy)
+    loaded: _model.Loaded
+    counts: dict[str, int]
+    out_dir: Path
+    ckpt_dir: Path
+    checkpoint: str | None  # checkpoint training resumes from
+    tracker: Any
+    fast: bool  # TRL CPU speed patch active
+
+
+def prepare_sft(project: Project, samples: Sequence[Sample], general: Sequence[Sequence[Message]], out_dir: Path,
+                progress: Progress = NULL, resume: bool = True, *, callbacks: Sequence[Any] = ()) -> SFTRun:
+    """Load the model, build the mixed data and the SFTTrainer, find the checkpoint to resume from; train nothing."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sft = project.sft
+    _model.check_method(sft.method)
+    records, counts = build_sft_records(project, samples, general)
+    if not counts["personified"]:
+        raise DataError("no personified training samples (split 'train'); run `persllm construct` first "
+                        "and check that it produced train samples")
+    fast = _model.enable_fast_cpu_loss()
+    loaded = _model.load_base(project, quantize=sft.method == "qlora")
+    records, counts["dropped_too_long"] = drop_too_long(records, loaded.tokenizer, sft.max_length)
+    if not records:
+        raise DataError(f"every training conversation is longer than sft.max_length={sft.max_length} tokens; "
+                        "raise sft.max_length")
+    model = loaded.model
+    if sft.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    peft_config = None if sft.method == "full" else _model.lora_config(sft, loaded.new_token_ids, model)
+    ckpt_dir = out_dir / "checkpoints"
+    fingerprint = run_fingerprint("sft", resolved_dict(sft), project.seed, loaded.base_path,
+                                  [str(p) for p in loaded.below], records)
+    checkpoint = prepare_checkpoints(ckpt_dir, fingerprint, resume, progress)
+    args = SFTConfig(
+        **common_args(project, ckpt_dir, learning_rate=sft.learning_rate, epochs=sft.epochs,
+                      max_steps=sft.max_steps, batch_size=sft.batch_size, grad_accum=sft.grad_accum,
+                      save_steps=sft.save_steps, warmup=sft.warmup_ratio, weight_decay=sft.weight_decay),
+        max_length=sft.max_length, assistant_only_loss=True, eos_token=end_of_turn(loaded.tokenizer),
+        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1})  # paper: 10% floor
+    tracker = progress_callback(progress, "SFT")
+    # The trainer gets its own tokenizer: it rewrites eos_token, which must not leak into the saved one.
+    trainer = lean_save(SFTTrainer)(model=model, args=args, train_dataset=Dataset.from_list(records),
+                                    processing_class=copy.deepcopy(loaded.tokenizer), peft_config=peft_config,
+                                    callbacks=[tracker, *callbacks])
+    finish_setup(trainer)
+    return SFTRun(trainer=trainer, tokenizer=loaded.tokenizer, loaded=loaded, counts=counts, out_dir=out_dir,
+                  ckpt_dir=ckpt_dir, checkpoint=checkpoint, tracker=tracker, fast=fast)
+
+
+# -- shared by SFT and DPO ---------------------------------------------------------------------------------------
+def common_args(project: Project, ckpt_dir: Path, *, learning_rate: float, epochs: float, max_steps: int,
+                batch_size: int, grad_accum: int, save_steps: int, warmup: float,
+                weight_decay: float) -> dict[str, Any]:
+    """TrainingArguments both trainers share: CPU-safe precision, per-step logs, checkpoints for resuming."""
+    cuda = _model.use_cuda()
+    bf16 = cuda and _bf16_supported()
+    return {
+        "output_dir": str(ckpt_dir), "seed": project.seed, "data_seed": project.seed,
+        "learning_rate": learning_rate, "num_train_epochs": epochs, "max_steps": max_steps,
+        "per_device_train_batch_size": batch_size, "gradient_accumulation_steps": grad_accum,
+        "warmup_steps": warmup, "weight_decay": weight_decay,
+        # TRL defaults bf16=True and gradient checkpointing on: bf16 is ~10x slower on AVX2 CPUs, GC only saves RAM.
+        "bf16": bf16, "fp16": False, "use_cpu": not cuda, _checkpointing_arg(): False,
+        "save_strategy": "steps", "save_steps": max(1, save_steps), "save_total_limit": 2,
+        "logging_strategy": "steps", "logging_steps": 1, "report_to": "none", "disable_tqdm": True,
+        "dataloader_num_workers": 0, "include_num_input_tokens_seen": "non_padding",
+    }
+
+
+def _checkpointing_arg() -> str:
+    """transformers 5.23 renamed gradient_checkpointing to activation_checkpointing (the old name warns)."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
+def _bf16_supported() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def end_of_turn(tokenizer: Any) -> str:
+    """The chat template's end-of-turn marker, which ends every trained assistant turn."""
+    from persllm import template
+
+    return template.markers_for(tokenizer.get_vocab())[1]
+
+
+def drop_too_long(records: list[dict[str, Any]], tokenizer: Any, max_length: int) -> tuple[list[dict[str, Any]], int]:
+    """Drop conversations over max_length tokens: TRL would cut their ends, end-of-turn token included."""
+    kept = []
+    for record in records:
+        rendered = tokenizer.apply_chat_template(record["messages"], tokenize=False)
+        if len(tokenizer(rendered, add_special_tokens=False)["input_ids"]) <= max_length:
+            kept.append(record)
+    if len(kept) < len(records):
+        log.warning("dropped %d of %d conversations longer than max_length=%d tokens",
+                    len(records) - len(kept), len(records), max_length)
+    return kept, len(records) - len(kept)
+
+
+def run_fingerprint(stage: str, *parts: Any) -> str:
+    """Hash of everything a run's checkpoints depend on; checkpoints of another run are never resumed."""
+    payload = json.dumps([stage, *parts], sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def prepare_checkpoints(ckpt_dir: Path, fingerprint: str, resume: bool, progress: Progress) -> str | None:
+    """The newest complete checkpoint of this same run when resuming; stale or unwanted checkpoints are removed."""
+    meta = ckpt_dir / RUN_FILE
+    if ckpt_dir.exists():
+        try:
+            same = json.loads(meta.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if not (resume and same):
+            progress.note(f"discarding checkpoints in {ckpt_dir} ("
+                          + ("--no-resume" if not resume else "inputs or settings changed") + ")")
+            shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    write_json(meta, {"fingerprint": fingerprint})
+    found = newest_checkpoint(ckpt_dir) if resume else None
+    if found is not None:
+        progress.note(f"resuming from {found.name}")
+    return str(found) if found is not None else None
+
+
+def newest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """Highest-step checkpoint that was written completely (trainer_state.json is saved last)."""
+    best: tuple[int, Path] | None = None
+    for path in ckpt_dir.iterdir() if ckpt_dir.is_dir() else ():
+        match = _CHECKPOINT.match(path.name)
+        if match and (path / "trainer_state.json").is_file() and (best is None or int(match[1]) > best[0]):
+            best = (int(match[1]), path)
+    return best[1] if best else None
+
+
+def progress_callback(progress: Progress, description: str) -> Any:
+    """A TrainerCallback advancing one progress Task per optimizer step (resumed steps count as done)."""
+    from transformers import TrainerCallback
+
+    class _Progress(TrainerCallback):
+        def __init__(self) -> None:
+            self.task = None
+            self.seen = 0
+            self.first_step: int | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.task = progress.task(description, total=state.max_steps)
+            self.first_step = self.seen = state.global_step
+            if self.seen:
+                self.task.advance(self.seen)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.task is not None and state.global_step > self.seen:
+                self.task.advance(state.global_step - self.seen)
+                self.seen = state.global_step
+
+        def close(self) -> None:
+            if self.task is not None:
+                self.task.close()
+                self.task = None
+
+    return _Progress()
+
+
+def lean_save(trainer_cls: type) -> type:
+    """Trainer subclass whose checkpoints hold only the adapter, never the full (resized) embedding matrix.
+
+    PEFT's default saves the whole embedding when the vocabulary grew (time tokens): 670 MB per checkpoint for
+    Gemma's 262k vocabulary. The new rows are already in the adapter as trainable tokens.
+    """
+
+    class Lean(trainer_cls):  # type: ignore[valid-type, misc]
+        def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+            import torch
+            from peft import PeftModel
+
+            if not isinstance(self.model, PeftModel):
+                return super()._save(output_dir, state_dict)
+            output_dir = output_dir or self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            self.model.save_pretrained(output_dir, save_embedding_layers=False)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            return None
+
+    Lean.__name__ = Lean.__qualname__ = f"Lean{trainer_cls.__name__}"
+    return Lean
+
+
+def finish_setup(trainer: Any) -> None:
+    """Trainer tweaks after construction: no printed logs, and TRL's fused head working with trainable tokens."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # library code never prints; logs go to metrics.jsonl
+    _model.patch_tied_head(trainer.model)
+
+
+def stack_meta(target: Path, below: Sequence[Path], base: str) -> dict[str, Any]:
+    """persllm_adapter.json content: adapters (relative to `target`) merged before this one, and the base model."""
+    return {"stack": [os.path.relpath(Path(p).resolve(), Path(target).resolve()) for p in below], "base": base}
+
+
+def save_final(model: Any, tokenizer: Any, target: Path, stack: dict[str, Any] | None) -> None:
+    """Write the adapter (or full model) with its tokenizer into a temp dir, then move it into place."""
+    from persllm.backends.hf import ADAPTER_STACK_FILE
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        if hasattr(model, "peft_config"):
+            model.save_pretrained(tmp, save_embedding_layers=False)
+        else:
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if stack is not None:
+            write_json(tmp / ADAPTER_STACK_FILE, stack)
+        replace_dir(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_metrics(out_dir: Path, log_history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """metrics.jsonl (one line per logged optimizer step, resumed steps included) and curves.png if possible."""
+    rows = []
+    for entry in log_history:
+        if "loss" not in entry or "step" not in entry:
+            continue
+        row: dict[str, Any] = {"step": int(entry["step"])}
+        for key, value in entry.items():
+            if (key in _METRIC_KEYS or key.startswith(("rewards/", "logps/"))) and isinstance(value, (int, float)):
+                row[key] = value
+        rows.append(row)
+    write_jsonl(out_dir / "metrics.jsonl", rows)
+    plot_curves(out_dir / "curves.png", rows)
+    return rows
+
+
+def plot_curves(path: Path, rows: Sequence[dict[str, Any]]) -> bool:
+    """Loss (and DPO reward margin/accuracy) against step as a PNG; skipped silently without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    if not rows:
+        return False
+    panels = [k for k in ("loss", "rewards/margins", "rewards/accuracies", "learning_rate")
+              if any(k in r for r in rows)]
+    figure = Figure(figsize=(4 * len(panels), 3.2))
+    FigureCanvasAgg(figure)
+    for i, key in enumerate(panels, 1):
+        axis = figure.add_subplot(1, len(panels), i)
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        axis.plot([p[0] for p in points], [p[1] for p in points])
+        axis.set_title(key)
+        axis.set_xlabel("step")
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=90)
+    return True
+
+
+def smoke_samples(samples: Sequence[Sample], seed: int) -> list[Sample]:
+    """A few training samples, one per stage first, for the post-training generation check."""
+    train = sorted((s for s in samples if s.split == "train"), key=lambda s: (s.stage, s.id))
+    picked: list[Sample] = []
+    for stage in dict.fromkeys(s.stage for s in train):
+        picked.append(next(s for s in train if s.stage == stage))
+    picked += [s for s in train if s not in picked]
+    return picked[:SMOKE_PROMPTS]
+
+
+def trainable_parameters(model: Any) -> int:
+    """Number of parameters the optimizer updates."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def run_stats(trainer: Any, result: Any, metrics: Sequence[dict[str, Any]], smoke: dict[str, Any],
+              started: float, checkpoint: str | None, fast: bool) -> dict[str, Any]:
+    """Stats shared by SFT and DPO runs."""
+    train_metrics = dict(getattr(result, "metrics", {}) or {})
+    runtime = float(train_metrics.get("train_runtime") or 0.0)
+    resumed = int(_CHECKPOINT.match(Path(checkpoint).name)[1]) if checkpoint else 0
+    tokens_session = _session_tokens(trainer, resumed)
+    return {
+        "steps": int(trainer.state.global_step), "resumed_from_step": resumed,
+        "train_loss": train_metrics.get("train_loss"),
+        "final_loss": next((r["loss"] for r in reversed(metrics) if "loss" in r), None),
+        "tokens": int(tokens_session), "train_seconds": round(runtime, 2),
+        "tokens_per_second": round(tokens_session / runtime, 1) if runtime > 0 else None,
+        "seconds": round(time.monotonic() - started, 2), "fast_cpu_loss": fast,
+        "smoke": smoke, "smoke_warning": not smoke.get("ok", False),
+    }
+
+
+def _session_tokens(trainer: Any, resumed: int) -> int:
+    """Tokens seen since the resumed checkpoint (its log line carries the count seen until then)."""
+    before = 0
+    for entry in trainer.state.log_history:
+        if entry.get("step", 0) <= resumed and "num_input_tokens_seen" in entry:
+            before = entry["num_input_tokens_seen"]
+    return int(trainer.state.num_input_tokens_seen - before)
