@@ -19,6 +19,8 @@ from pathlib import Path
 BENCHMARKS = {
     "construct": "benchmarks.construct_throughput",
     "dedup": "benchmarks.dedup",
+    "serve": "benchmarks.serve",
+    "load": "benchmarks.serve:run_load",
 }
 
 
@@ -36,7 +38,8 @@ def main() -> None:
     for name in names:
         print(f"== {name}", flush=True)
         t0 = time.monotonic()
-        results = importlib.import_module(BENCHMARKS[name]).run()
+        module, _, func = BENCHMARKS[name].partition(":")
+        results = getattr(importlib.import_module(module), func or "run")()
         for row in results:
             row["seconds"] = round(time.monotonic() - t0, 1)
         rows.extend(results)

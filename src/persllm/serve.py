@@ -724,7 +724,19 @@ async def _events(call: Call, queue: asyncio.Queue[Any], future: asyncio.Future[
     cutter, shown = StopCutter(call.params.stop), AnswerFilter(call.show_analysis)
     yield _sse(_chunk(call, {"role": "assistant", "content": ""}))
     try:
-        while (item := await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))) is not _END:
+        ended = False
+        while not ended:
+            item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+            if item is _END:
+                break
+            # Coalesce what is already queued into one event: when the model outpaces the network or the client,
+            # fewer, larger chunks cost far less than one JSON event per token (the text is identical).
+            while not queue.empty():
+                more = queue.get_nowait()
+                if more is _END:
+                    ended = True
+                    break
+                item += more
             text = shown.feed(cutter.feed(item))
             if cutter.stopped:
                 cancel.set()  # no need to generate past a stop string
