@@ -87,7 +87,7 @@ def test_build_pairs_types_limits_and_drops(project) -> None:
     project.dpo.negative_types = ["other_stage", "non_personified"]  # induced disabled
     pairs, stats = build_pairs(project, [s0, s1], negatives)
     by_sample = {p.sample_id: p for p in pairs}
-    assert [p.negative_type for p in pairs if p.sample_id == s0.id] == ["other_stage", "non_personified"]
+    assert sorted(p.negative_type for p in pairs if p.sample_id == s0.id) == ["non_personified", "other_stage"]
     assert stats["dropped"] == {"empty": 1, "near_identical": 1, "type_not_enabled": 1, "unknown_sample": 1}
     assert stats["by_split"] == {"test": 1, "train": 2}
     pair = by_sample[s1.id]
@@ -100,9 +100,30 @@ def test_build_pairs_types_limits_and_drops(project) -> None:
 
     project.dpo.pairs_per_sample = 1
     pairs, stats = build_pairs(project, [s0], negatives[:3])
-    assert [p.negative_type for p in pairs] == ["other_stage"] and stats["dropped"]["over_limit"] == 1
+    assert len(pairs) == 1 and stats["dropped"]["over_limit"] == 1
     ids = {p.id for p in build_pairs(project, [s0], negatives[:3])[0]}
     assert ids == {p.id for p in pairs}  # stable ids
+
+
+def test_pair_types_cover_all_contrasts_and_held_out_pairs_are_uncapped(project) -> None:
+    project.dpo.negative_types = ["other_stage", "non_personified", "induced"]
+    project.dpo.pairs_per_sample = 1
+    samples = [make_sample(i) for i in range(12)]
+    induced = make_sample(20)
+    induced = type(induced)(**{**{f: getattr(induced, f) for f in induced.__dataclass_fields__}, "kind": "induced"})
+    held_out = make_sample(30, split="test")
+    negatives = [Negative(f"o{i}", s.id, "other_stage", f"I lived in Berlin then, year {i}.") for i, s in
+                 enumerate([*samples, induced, held_out])]
+    negatives += [Negative(f"g{i}", s.id, "non_personified", f"As an assistant I can say fact number {i}.") for i, s in
+                  enumerate([*samples, induced, held_out])]
+    negatives += [Negative("acc", induced.id, "induced", "Yes, of course, I met the emperor in Lisbon."),
+                  Negative("acc2", held_out.id, "induced", "Yes, exactly as you say, it was in Rome.")]
+    pairs, _ = build_pairs(project, [*samples, induced, held_out], negatives)
+    train_types = {p.negative_type for p in pairs if p.sample_id in {s.id for s in samples}}
+    assert train_types == {"other_stage", "non_personified"}  # a cap of 1 still covers both contrasts
+    assert [p.negative_type for p in pairs if p.sample_id == induced.id] == ["induced"]  # the anti-induction pair
+    assert sorted(p.negative_type for p in pairs if p.sample_id == held_out.id) == [
+        "induced", "non_personified", "other_stage"]  # held-out pairs are for measuring: all of them
 
 
 def test_other_persona_negatives_come_from_the_most_similar_peer_question(project) -> None:

@@ -86,7 +86,9 @@ def _pairs_for_sample(project: Project, sample: Sample, negs: Sequence[Negative]
             dropped["near_identical"] += 1
             continue
         valid.append((neg, similarity))
-    picked = _round_robin(valid, dpo.negative_types, max(0, dpo.pairs_per_sample))
+    # The cap budgets training time; held-out pairs only measure preferences, so every contrast is kept for them.
+    limit = max(0, dpo.pairs_per_sample) if sample.split != "test" else len(valid)
+    picked = _round_robin(valid, _type_order(sample, dpo.negative_types), limit)
     dropped["over_limit"] += len(valid) - len(picked)
     pairs = []
     for neg, similarity in picked:
@@ -95,6 +97,17 @@ def _pairs_for_sample(project: Project, sample: Sample, negs: Sequence[Negative]
                                     negative_type=neg.type, prompt=prompt, chosen=chosen, rejected=rejected,
                                     similarity=round(similarity, 4)))
     return pairs
+
+
+def _type_order(sample: Sample, types: Sequence[str]) -> list[str]:
+    """Negative types in the order a sample takes them: an induced sample's premise-accepting answer first (the
+    anti-induction signal), otherwise a rotation by sample id, so a small per-sample cap still covers every type."""
+    order = list(types)
+    if sample.kind == "induced" and "induced" in order:
+        order.remove("induced")
+        return ["induced", *order]
+    shift = int(stable_id(sample.id, length=8), 16) % max(1, len(order))
+    return order[shift:] + order[:shift]
 
 
 def _round_robin(valid: Sequence[tuple[Negative, float]], types: Sequence[str],
