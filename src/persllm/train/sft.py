@@ -19,7 +19,7 @@ from typing import Any
 from persllm.config import Project, resolved_dict
 from persllm.errors import DataError
 from persllm.progress import NULL, Progress
-from persllm.train import _model
+from persllm.train import _model, dist
 from persllm.train.data import build_sft_records, sample_prompt
 from persllm.types import Message, Sample
 from persllm.workspace import atomic_path, replace_dir, write_json, write_jsonl
@@ -31,6 +31,9 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _METRIC_KEYS = ("loss", "learning_rate", "grad_norm", "epoch", "mean_token_accuracy", "entropy",
                 "num_input_tokens_seen")
 SMOKE_PROMPTS = 3
+OTHER_RANK_SMOKE = {"ok": True, "skipped": "runs on rank 0 only", "outputs": []}
+# Generating on rank 0 alone would hang on weights sharded across processes; `persllm eval` checks the result.
+SHARDED_SMOKE = {"ok": True, "skipped": "weights sharded by ZeRO-3/FSDP; run `persllm eval`", "outputs": []}
 
 
 def train_sft(project: Project, samples: Sequence[Sample], general: Sequence[Sequence[Message]], out_dir: Path,
@@ -49,13 +52,18 @@ def train_sft(project: Project, samples: Sequence[Sample], general: Sequence[Seq
         finally:
             run.tracker.close()
         target = run.out_dir / ("model" if sft.method == "full" else "adapter")
-        stack = None if sft.method == "full" else stack_meta(target, run.loaded.below, run.loaded.base_path)
-        save_final(trainer.model, run.tokenizer, target, stack)
-        metrics = write_metrics(run.out_dir, trainer.state.log_history)
         prompts = [sample_prompt(project, s) for s in smoke_samples(samples, project.seed)]
-        smoke = _model.smoke_test(trainer.model, run.tokenizer, prompts, sft.keep_cot)
-        write_json(run.out_dir / "smoke.json", smoke)
-        shutil.rmtree(run.ckpt_dir, ignore_errors=True)  # finished: the adapter is the result
+        state_dict = gathered_state_dict(trainer)
+        if dist.is_main_process():  # under `accelerate launch` rank 0 writes the results
+            stack = None if sft.method == "full" else stack_meta(target, run.loaded.below, run.loaded.base_path)
+            save_final(trainer.model, run.tokenizer, target, stack, state_dict)
+            metrics = write_metrics(run.out_dir, trainer.state.log_history)
+            smoke = SHARDED_SMOKE if state_dict is not None else _model.smoke_test(
+                trainer.model, run.tokenizer, prompts, sft.keep_cot)
+            write_json(run.out_dir / "smoke.json", smoke)
+            shutil.rmtree(run.ckpt_dir, ignore_errors=True)  # finished: the adapter is the result
+        else:
+            metrics, smoke = metric_rows(trainer.state.log_history), OTHER_RANK_SMOKE
     return run_stats(trainer, result, metrics, smoke, started, run.checkpoint, run.fast) | {
         "method": sft.method, "samples": run.counts, "output": str(target),
         "trainable_parameters": trainable_parameters(trainer.model)}
@@ -139,6 +147,9 @@ def common_args(project: Project, ckpt_dir: Path, *, learning_rate: float, epoch
         "save_strategy": "steps", "save_steps": max(1, save_steps), "save_total_limit": 2,
         "logging_strategy": "steps", "logging_steps": 1, "report_to": "none", "disable_tqdm": True,
         "dataloader_num_workers": 0, "include_num_input_tokens_seen": "non_padding",
+        # Multi-process runs: every LoRA/trainable-token parameter takes part in each step, so DDP can skip the
+        # unused-parameter search it would otherwise do (and warn about) on every backward pass.
+        "ddp_find_unused_parameters": False,
     }
 
 
@@ -183,20 +194,28 @@ def run_fingerprint(stage: str, *parts: Any) -> str:
 
 
 def prepare_checkpoints(ckpt_dir: Path, fingerprint: str, resume: bool, progress: Progress) -> str | None:
-    """The newest complete checkpoint of this same run when resuming; stale or unwanted checkpoints are removed."""
+    """The newest complete checkpoint of this same run when resuming; stale or unwanted checkpoints are removed.
+
+    Under `accelerate launch` every rank decides from the same files before rank 0 deletes or writes any.
+    """
     meta = ckpt_dir / RUN_FILE
+    discard = False
     if ckpt_dir.exists():
         try:
             same = json.loads(meta.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
         except (OSError, ValueError, AttributeError):
             same = False
-        if not (resume and same):
+        discard = not (resume and same)
+    found = newest_checkpoint(ckpt_dir) if resume and not discard else None
+    dist.barrier()
+    if dist.is_main_process():
+        if discard:
             progress.note(f"discarding checkpoints in {ckpt_dir} ("
                           + ("--no-resume" if not resume else "inputs or settings changed") + ")")
             shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    write_json(meta, {"fingerprint": fingerprint})
-    found = newest_checkpoint(ckpt_dir) if resume else None
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        write_json(meta, {"fingerprint": fingerprint})
+    dist.barrier()
     if found is not None:
         progress.note(f"resuming from {found.name}")
     return str(found) if found is not None else None
@@ -255,9 +274,11 @@ def lean_save(trainer_cls: type) -> type:
 
             if not isinstance(self.model, PeftModel):
                 return super()._save(output_dir, state_dict)
+            if not self.args.should_save:  # multi-process: rank 0 writes (a sharded state_dict is gathered already)
+                return None
             output_dir = output_dir or self.args.output_dir
             os.makedirs(output_dir, exist_ok=True)
-            self.model.save_pretrained(output_dir, save_embedding_layers=False)
+            self.model.save_pretrained(output_dir, state_dict=state_dict, save_embedding_layers=False)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
@@ -280,7 +301,35 @@ def stack_meta(target: Path, below: Sequence[Path], base: str) -> dict[str, Any]
     return {"stack": [os.path.relpath(Path(p).resolve(), Path(target).resolve()) for p in below], "base": base}
 
 
-def save_final(model: Any, tokenizer: Any, target: Path, stack: dict[str, Any] | None) -> None:
+def sharded(trainer: Any) -> bool:
+    """True when DeepSpeed ZeRO-3 or FSDP shards the weights across processes (no rank holds the whole model)."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return True
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        engine = getattr(trainer, "deepspeed", None)
+        config = getattr(engine, "config", None) or {}
+        return config.get("zero_optimization", {}).get("stage") == 3
+    return False
+
+
+def gathered_state_dict(trainer: Any) -> dict[str, Any] | None:
+    """The trained weights collected from every process for saving (collective: call on all ranks).
+
+    None when each process holds the whole model anyway (single process, DDP, ZeRO-1/2), so the model saves itself.
+    """
+    if not sharded(trainer):
+        return None
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        from peft import PeftModel
+
+        if isinstance(trainer.model, PeftModel):  # only the adapter is needed: skip gathering the frozen base
+            return trainer.deepspeed._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+        return trainer.accelerator.get_state_dict(trainer.deepspeed)
+    return trainer.accelerator.get_state_dict(trainer.model)
+
+
+def save_final(model: Any, tokenizer: Any, target: Path, stack: dict[str, Any] | None,
+               state_dict: dict[str, Any] | None = None) -> None:
     """Write the adapter (or full model) with its tokenizer into a temp dir, then move it into place."""
     from persllm.backends.hf import ADAPTER_STACK_FILE
 
@@ -289,9 +338,9 @@ def save_final(model: Any, tokenizer: Any, target: Path, stack: dict[str, Any] |
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         if hasattr(model, "peft_config"):
-            model.save_pretrained(tmp, save_embedding_layers=False)
+            model.save_pretrained(tmp, state_dict=state_dict, save_embedding_layers=False)
         else:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if stack is not None:
             write_json(tmp / ADAPTER_STACK_FILE, stack)
@@ -302,7 +351,15 @@ def save_final(model: Any, tokenizer: Any, target: Path, stack: dict[str, Any] |
 
 
 def write_metrics(out_dir: Path, log_history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """metrics.jsonl (one line per logged optimizer step, resumed steps included) and curves.png if possible."""
+    """metrics.jsonl (one line per logged optimizer step, resumed steps included) and curves.png."""
+    rows = metric_rows(log_history)
+    write_jsonl(out_dir / "metrics.jsonl", rows)
+    plot_curves(out_dir / "curves.png", rows)
+    return rows
+
+
+def metric_rows(log_history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per logged optimizer step with the curves' metrics."""
     rows = []
     for entry in log_history:
         if "loss" not in entry or "step" not in entry:
@@ -312,18 +369,14 @@ def write_metrics(out_dir: Path, log_history: Sequence[dict[str, Any]]) -> list[
             if (key in _METRIC_KEYS or key.startswith(("rewards/", "logps/"))) and isinstance(value, (int, float)):
                 row[key] = value
         rows.append(row)
-    write_jsonl(out_dir / "metrics.jsonl", rows)
-    plot_curves(out_dir / "curves.png", rows)
     return rows
 
 
 def plot_curves(path: Path, rows: Sequence[dict[str, Any]]) -> bool:
-    """Loss (and DPO reward margin/accuracy) against step as a PNG; skipped silently without matplotlib."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
+    """Loss (and DPO reward margin/accuracy) against step as a PNG; False when nothing was logged."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # core dependency; Agg needs no display
+    from matplotlib.figure import Figure
+
     if not rows:
         return False
     panels = [k for k in ("loss", "rewards/margins", "rewards/accuracies", "learning_rate")
@@ -354,7 +407,8 @@ def smoke_samples(samples: Sequence[Sample], seed: int) -> list[Sample]:
 
 def trainable_parameters(model: Any) -> int:
     """Number of parameters the optimizer updates."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # ZeRO-3 leaves each process an empty shard of every parameter; ds_numel is the full size
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 
 
 def run_stats(trainer: Any, result: Any, metrics: Sequence[dict[str, Any]], smoke: dict[str, Any],
