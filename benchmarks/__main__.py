@@ -19,6 +19,7 @@ from pathlib import Path
 BENCHMARKS = {
     "construct": "benchmarks.construct_throughput",
     "dedup": "benchmarks.dedup",
+    "training": "benchmarks.training",
     "serve": "benchmarks.serve",
     "load": "benchmarks.serve:run_load",
 }

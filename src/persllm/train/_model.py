@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -167,14 +168,19 @@ def load_model(path: str | Path, tokenizer: Any, quantize: bool = False) -> Any:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
             bnb_4bit_use_double_quant=True)
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": local_gpu()}
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     set_stop_tokens(model, tokenizer)
     if cuda and not quantize:
-        model.to("cuda")
+        model.to(f"cuda:{local_gpu()}")
     return model
+
+
+def local_gpu() -> int:
+    """This process's GPU: LOCAL_RANK under `accelerate launch`/torchrun (never every rank on GPU 0), else 0."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0)
 
 
 def set_stop_tokens(model: Any, tokenizer: Any) -> None:

@@ -16,12 +16,16 @@ from typing import Any
 from persllm.config import Project, resolved_dict
 from persllm.errors import DataError, PersllmError
 from persllm.progress import NULL, Progress
-from persllm.train import _model
+from persllm.train import _model, dist
 from persllm.train.data import to_chat
 from persllm.train.sft import (
+    OTHER_RANK_SMOKE,
+    SHARDED_SMOKE,
     common_args,
     finish_setup,
+    gathered_state_dict,
     lean_save,
+    metric_rows,
     prepare_checkpoints,
     progress_callback,
     run_fingerprint,
@@ -57,7 +61,8 @@ def train_dpo(project: Project, pairs: Sequence[PreferencePair], sft_dir: Path, 
     if not pairs:
         raise DataError("no DPO pairs to train on; build them with build_pairs (check construct.negatives "
                         "and dpo.negative_types)")
-    scratch = out_dir / ".sft-merged"  # only QLoRA needs the merged SFT model on disk
+    # only QLoRA needs the merged SFT model on disk; one copy per process under `accelerate launch`
+    scratch = out_dir / (f".sft-merged-rank{dist.rank()}" if dist.is_distributed() else ".sft-merged")
     with _model.session(), _removed_after(scratch):
         fast = _model.enable_fast_cpu_loss()
         start = load_sft_result(project, sft_dir, scratch)
@@ -93,13 +98,18 @@ def train_dpo(project: Project, pairs: Sequence[PreferencePair], sft_dir: Path, 
         finally:
             tracker.close()
         target = out_dir / ("model" if full else "adapter")
-        stack = None if full else stack_meta(target, start.stack, start.base_path)
-        save_final(trainer.model, tokenizer, target, stack)
-        metrics = write_metrics(out_dir, trainer.state.log_history)
-        prompts = list({p.prompt: list(p.prompt) for p in pairs}.values())[:SMOKE_PROMPTS]
-        smoke = _model.smoke_test(trainer.model, tokenizer, prompts, project.sft.keep_cot)
-        write_json(out_dir / "smoke.json", smoke)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        state_dict = gathered_state_dict(trainer)
+        if dist.is_main_process():  # under `accelerate launch` rank 0 writes the results
+            stack = None if full else stack_meta(target, start.stack, start.base_path)
+            save_final(trainer.model, tokenizer, target, stack, state_dict)
+            metrics = write_metrics(out_dir, trainer.state.log_history)
+            prompts = list({p.prompt: list(p.prompt) for p in pairs}.values())[:SMOKE_PROMPTS]
+            smoke = SHARDED_SMOKE if state_dict is not None else _model.smoke_test(
+                trainer.model, tokenizer, prompts, project.sft.keep_cot)
+            write_json(out_dir / "smoke.json", smoke)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        else:
+            metrics, smoke = metric_rows(trainer.state.log_history), OTHER_RANK_SMOKE
     last = metrics[-1] if metrics else {}
     return run_stats(trainer, result, metrics, smoke, started, checkpoint, fast) | {
         "method": method, "pairs": len(records), "dropped_too_long": too_long, "sanity": sanity,
