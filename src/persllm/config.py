@@ -328,9 +328,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "construct": {"questions_per_passage": 2, "max_per_stage": 12, "general_per_stage": 3, "max_tokens": 256},
         "sft": {"max_steps": 40, "batch_size": 4, "max_length": 320, "repeat": 1, "save_steps": 20},
         "dpo": {"max_steps": 16, "batch_size": 2, "max_length": 320, "pairs_per_sample": 1, "save_steps": 8},
-        "eval": {"max_probes": 10, "max_new_tokens": 48, "heldout_questions": 2, "think": False,
-                 "ipip_stages": ["last"], "ipip_interview_items": 0, "judge_items": 1, "judge_repeats": 1,
-                 "judge_retries": 1, "judge_max_tokens": 24},
+        # eval: per model one decoding pass (~26 rows x 40 tokens, ~16 s), one IPIP pass per stage (~5 s each) and
+        # one scoring pass on 2 idle cores; with loading and ~12 embedded-judge calls about 2 minutes for base, sft
+        # and dpo (measured 35 s for base alone).
+        "eval": {"max_probes": 10, "max_new_tokens": 40, "heldout_questions": 2, "think": False,
+                 "ipip_interview_items": 0, "judge_items": 1, "judge_repeats": 1, "judge_retries": 0,
+                 "judge_max_tokens": 24},
     },
 }
 

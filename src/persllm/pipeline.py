@@ -17,8 +17,12 @@ from persllm import __version__
 from persllm.config import Project, resolved_dict
 from persllm.errors import ConfigError
 from persllm.progress import NULL, Progress
+from persllm.train import dist
 from persllm.types import Negative, Passage, PreferencePair, Sample, from_record, to_record
-from persllm.workspace import STAGES, Workspace, fingerprint, read_jsonl, write_jsonl, write_yaml
+from persllm.workspace import STAGES, UPSTREAM, Workspace, fingerprint, read_jsonl, write_jsonl, write_yaml
+
+
+DISTRIBUTED_STAGES = ("sft", "dpo")  # stages every rank of a multi-process launch runs together
 
 
 @dataclass
@@ -43,7 +47,11 @@ def run(project: Project, stages: Sequence[str] = STAGES, force: Collection[str]
     if unknown:
         raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
     ws = workspace(project)
-    write_yaml(ws.root / "config.resolved.yaml", resolved_dict(project) | {"persllm_version": __version__})
+    if not dist.is_main_process():  # `accelerate launch`: every rank runs this; rank 0 writes and reports
+        dist.quiet_other_ranks(progress)
+        progress = NULL
+    else:
+        write_yaml(ws.root / "config.resolved.yaml", resolved_dict(project) | {"persllm_version": __version__})
     outcomes = []
     for stage in STAGES:
         if stage in stages:
@@ -54,19 +62,35 @@ def run(project: Project, stages: Sequence[str] = STAGES, force: Collection[str]
 def run_stage(project: Project, stage: str, ws: Workspace, force: bool = False,
               progress: Progress = NULL) -> StageOutcome:
     """Run one stage unless its outputs are current."""
+    if dist.is_distributed() and stage not in DISTRIBUTED_STAGES:
+        # Under `accelerate launch`, stages that do not train (teacher calls, evaluation) run on rank 0 alone.
+        outcome = _run_stage(project, stage, ws, force, progress, False) if dist.is_main_process() else None
+        dist.barrier()
+        return outcome or StageOutcome(stage, skipped=True, stats=_read_stats(ws.stage_dir(stage)))
+    return _run_stage(project, stage, ws, force, progress, dist.is_distributed())
+
+
+def _run_stage(project: Project, stage: str, ws: Workspace, force: bool, progress: Progress,
+               collective: bool) -> StageOutcome:
     spec = STAGE_SPECS[stage]
-    upstream = ws.upstream_digests(stage)
+    upstream = ws.upstream_digests(stage, upstream_of(project, stage))
     fp = fingerprint(stage, spec.version, spec.config(project), upstream)
     if not force and ws.is_current(stage, fp):
         progress.note(f"{stage}: up to date, skipped")
         manifest_stats = _read_stats(ws.stage_dir(stage))
         return StageOutcome(stage, skipped=True, stats=manifest_stats)
-    ws.invalidate(stage)  # an interrupted re-run must never leave a manifest describing mixed outputs
+    if collective:
+        dist.barrier()  # every rank has decided to run before rank 0 invalidates the manifest
+    if dist.is_main_process():
+        ws.invalidate(stage)  # an interrupted re-run must never leave a manifest describing mixed outputs
     started = time.monotonic()
     stats = spec.run(project, ws, progress)
-    write_yaml(ws.stage_dir(stage) / "config.yaml", {"stage": stage, "fingerprint": fp,
-                                                     "settings": spec.config(project)})
-    ws.finish(stage, fp, stats)
+    if dist.is_main_process():
+        write_yaml(ws.stage_dir(stage) / "config.yaml", {"stage": stage, "fingerprint": fp,
+                                                         "settings": spec.config(project)})
+        ws.finish(stage, fp, stats)
+    if collective:
+        dist.barrier()  # the next stage's fingerprint reads this manifest on every rank
     return StageOutcome(stage, skipped=False, seconds=time.monotonic() - started, stats=stats)
 
 
@@ -90,6 +114,10 @@ def headline(stage: str, stats: dict[str, Any]) -> str:
         if stats.get("smoke_warning"):
             line += "; generation smoke test flagged: " + ", ".join(stats.get("smoke", {}).get("problems", []))
         return line
+    if stage == "eval":
+        from persllm.eval import headline as eval_headline
+
+        return eval_headline(stats)
     return ", ".join(f"{k} {v}" for k, v in stats.items() if isinstance(v, (int, float, str)))[:160]
 
 
@@ -224,10 +252,12 @@ def _run_dpo(project: Project, ws: Workspace, progress: Progress) -> dict[str, A
     pairs, pair_stats = build_pairs(project, samples, load_negatives(ws), peer_samples)
     split = pairs_by_split(pairs, samples)
     out = ws.stage_dir("dpo")
-    write_jsonl(out / "pairs.jsonl", (to_record(p) | {"split": name} for name, group in split.items() for p in group))
+    if dist.is_main_process():
+        write_jsonl(out / "pairs.jsonl",
+                    (to_record(p) | {"split": name} for name, group in split.items() for p in group))
     stats = train_dpo(project, split.get("train", []), ws.stage_dir("sft"), out, progress)
     held_out = split.get("test", [])
-    if held_out and project.sft.method != "full":
+    if held_out and project.sft.method != "full" and dist.is_main_process():
         base = base_model_path(project.base_model)
         with progress.task("held-out preference accuracy (base, sft, dpo)", total=3) as task:
             accuracy = {}
@@ -253,9 +283,41 @@ class StageSpec:
     run: Callable[[Project, Workspace, Progress], dict[str, Any]]
 
 
+# -- eval -----------------------------------------------------------------------------------------------------------
+def _eval_config(project: Project) -> dict[str, Any]:
+    from persllm.eval import fingerprint_config
+
+    return fingerprint_config(project)
+
+
+def _run_eval(project: Project, ws: Workspace, progress: Progress) -> dict[str, Any]:
+    from persllm.eval import evaluate
+
+    return evaluate(project, ws, progress)
+
+
+def upstream_of(project: Project, stage: str) -> tuple[str, ...]:
+    """Stages whose outputs `stage` reads: eval needs only the tuned models it evaluates (base/rag need no training)."""
+    if stage == "eval":
+        return ("construct",) + tuple(v for v in ("sft", "dpo") if v in project.eval.models)
+    return UPSTREAM[stage]
+
+
+def stages_for(project: Project, stage: str) -> list[str]:
+    """`stage` and every stage it depends on, transitively, in pipeline order."""
+    needed, todo = {stage}, [stage]
+    while todo:
+        for up in upstream_of(project, todo.pop()):
+            if up not in needed:
+                needed.add(up)
+                todo.append(up)
+    return [s for s in STAGES if s in needed]
+
+
 STAGE_SPECS: dict[str, StageSpec] = {
     "ingest": StageSpec("1", _ingest_config, _run_ingest),
     "construct": StageSpec("1", _construct_config, _run_construct),
     "sft": StageSpec("1", _sft_config, _run_sft),
     "dpo": StageSpec("1", _dpo_config, _run_dpo),
+    "eval": StageSpec("1", _eval_config, _run_eval),
 }

@@ -80,10 +80,10 @@ class Workspace:
         manifest = self.manifest(stage)
         return manifest is not None and manifest.fingerprint == fingerprint
 
-    def upstream_digests(self, stage: str) -> dict[str, str]:
+    def upstream_digests(self, stage: str, upstream: Iterable[str] | None = None) -> dict[str, str]:
         """Digests of the stages `stage` reads from; missing upstream output is an error naming the command to run."""
         digests: dict[str, str] = {}
-        for up in UPSTREAM[stage]:
+        for up in UPSTREAM[stage] if upstream is None else upstream:
             manifest = self.manifest(up)
             if manifest is None:
                 raise DataError(f"stage '{stage}' needs the output of '{up}', which is missing in {self.root}; "

@@ -119,10 +119,9 @@ def run(project: Path, preset: str | None, overrides: Sequence[str], output: Pat
 def _run_stages(project: Any, stages: list[str], force: bool, force_only: str | None = None,
                 needs_upstream: bool = False) -> None:
     from persllm import pipeline
-    from persllm.workspace import STAGES
 
     if needs_upstream:
-        stages = [s for s in STAGES if STAGES.index(s) <= STAGES.index(stages[-1])]
+        stages = pipeline.stages_for(project, stages[-1])
     forced = [s for s in stages if force and (force_only is None or force_only == s)]
     console.print(f"[bold]{escape(project.name)}[/bold]: {len(project.stages)} stage(s) "
                   f"({', '.join(s.id for s in project.stages)}), preset {project.preset}, "
@@ -133,31 +132,109 @@ def _run_stages(project: Any, stages: list[str], force: bool, force_only: str | 
     rows = [[o.stage, "skipped (up to date)" if o.skipped else "done", f"{o.seconds:.0f}s" if not o.skipped else "-",
              escape(pipeline.headline(o.stage, o.stats))] for o in outcomes]
     console.print(summary_table("Summary", rows, ["stage", "status", "time", "result"]))
+    if "eval" in stages:
+        _print_eval(pipeline.workspace(project).stage_dir("eval"))
+
+
+def _print_eval(eval_dir: Path) -> None:
+    """The per-model, per-criterion evaluation table and where the full report is."""
+    import json
+
+    from persllm.eval import summary_rows
+
+    report_path = eval_dir / "report.json"
+    if not report_path.is_file():
+        return
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    rows = [[escape(c) for c in row] for row in summary_rows(report)]
+    console.print(summary_table("Evaluation", rows, ["model", "criterion", "result"]))
+    console.print(f"report: {escape(str(eval_dir / 'report.html'))}")
 
 
 @cli.command()
 @project_options
-@click.option("--format", "fmt", type=click.Choice(["trl", "llamafactory", "axolotl", "all"]), default="all",
-              show_default=True, help="Target trainer format.")
+@click.option("--format", "fmt", type=click.Choice(["trl", "llamafactory", "axolotl", "all"]), default=None,
+              help="Target trainer format for the data (default: all, unless --gguf or --merged is given).")
 @click.option("--to", "dest", type=click.Path(path_type=Path), default=None,
-              help="Destination folder (default: <output>/export/<format>).")
-def export(project: Path, preset: str | None, overrides: Sequence[str], output: Path | None, fmt: str,
-           dest: Path | None) -> None:
-    """Export constructed data (and DPO pairs, once trained) for TRL, LLaMA-Factory or axolotl."""
+              help="Destination folder (default: <output>/export/<format>; models: <output>/export/gguf and "
+                   "<output>/export/merged).")
+@click.option("--gguf", "gguf_types", type=click.Choice(["f16", "q8_0", "f32"]), multiple=True,
+              help="Also write the tuned model as GGUF for llama.cpp / Ollama, with persllm's chat template "
+                   "(repeatable: --gguf f16 --gguf q8_0; q8_0 needs the llamacpp extra).")
+@click.option("--merged", is_flag=True, help="Also write the tuned model merged into the base model (safetensors "
+                                             "+ tokenizer + chat template) for vLLM or plain transformers.")
+@click.option("--model", "variant", type=click.Choice(["sft", "dpo"]), default=None,
+              help="Which tuned model --gguf/--merged export (default: dpo if trained, else sft).")
+def export(project: Path, preset: str | None, overrides: Sequence[str], output: Path | None, fmt: str | None,
+           dest: Path | None, gguf_types: Sequence[str], merged: bool, variant: str | None) -> None:
+    """Export constructed data (and DPO pairs, once trained) for TRL, LLaMA-Factory or axolotl; with --gguf or
+    --merged, export the tuned model for llama.cpp, Ollama or vLLM."""
     from persllm import export as exporter
     from persllm import pipeline
     from persllm.errors import DataError
 
     proj = load(project, preset, overrides, output)
     ws = pipeline.workspace(proj)
-    if ws.manifest("construct") is None:
-        raise DataError(f"nothing to export yet: run `persllm construct {project}` first")
-    samples = pipeline.load_samples(ws)
-    pairs = pipeline.load_pairs(ws, "train") if ws.manifest("dpo") else []
-    formats = exporter.FORMATS if fmt == "all" else (fmt,)
-    for name in formats:
-        target = (dest / name if dest and fmt == "all" else dest) or ws.root / "export" / name
-        files = exporter.export(proj, samples, pairs, name, target)
-        console.print(f"[bold]{name}[/bold]: " + ", ".join(escape(str(f)) for f in files))
-    if not pairs:
-        console.print("[dim]DPO pairs are exported once `persllm train` has built them.[/dim]")
+    models = bool(gguf_types) or merged
+    if fmt is not None or not models:
+        fmt = fmt or "all"
+        if ws.manifest("construct") is None:
+            raise DataError(f"nothing to export yet: run `persllm construct {project}` first")
+        samples = pipeline.load_samples(ws)
+        pairs = pipeline.load_pairs(ws, "train") if ws.manifest("dpo") else []
+        formats = exporter.FORMATS if fmt == "all" else (fmt,)
+        for name in formats:
+            target = (dest / name if dest and fmt == "all" else dest) or ws.root / "export" / name
+            files = exporter.export(proj, samples, pairs, name, target)
+            console.print(f"[bold]{name}[/bold]: " + ", ".join(escape(str(f)) for f in files))
+        if not pairs:
+            console.print("[dim]DPO pairs are exported once `persllm train` has built them.[/dim]")
+    if models:
+        _export_model(proj, variant, list(dict.fromkeys(gguf_types)), merged, dest or ws.root / "export")
+
+
+def _export_model(project: Any, variant: str | None, gguf_types: list[str], keep_merged: bool, root: Path) -> None:
+    """Merge the tuned variant (kept under root/merged/<variant> with --merged) and write each GGUF type."""
+    import shutil
+    import tempfile
+
+    from persllm import template
+    from persllm.train.gguf_export import export_ggufs, ollama_modelfile
+    from persllm.train.merge import best_variant, merge_variant
+    from persllm.workspace import write_text
+
+    variant = variant or best_variant(project)
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = None if keep_merged else Path(tempfile.mkdtemp(prefix=f".merged-{variant}.", dir=root))
+    merged_dir = root / "merged" / variant if keep_merged else scratch / "model"
+    try:
+        with console.status(f"merging the {variant.upper()} model into the base model"):
+            merge_variant(project, variant, merged_dir)
+        if keep_merged:
+            console.print(f"[bold]merged[/bold] ({variant}): {escape(str(merged_dir))}")
+        targets = {t: root / "gguf" / f"{project.slug}-{variant}-{t}.gguf" for t in gguf_types}
+        if targets:
+            with console.status("writing " + ", ".join(p.name for p in targets.values())):
+                export_ggufs(merged_dir, targets, name=f"{project.name} ({variant})")
+        start, end = template.markers_for(_vocab(merged_dir)) if targets else template.TURN_MARKERS[0]
+        # Ollama serves one system prompt; the last stage's is the default (edit SYSTEM for another stage)
+        system = template.system_prompt(template.context_for(project, project.stages[-1].id))
+        for outtype, target in targets.items():
+            modelfile = target.with_suffix(".Modelfile")
+            write_text(modelfile, ollama_modelfile(target.name, start, end, system))
+            console.print(f"[bold]gguf {outtype}[/bold] ({variant}): {escape(str(target))}\n"
+                          f"  llama.cpp: llama-server -m {escape(str(target))} --jinja\n"
+                          f"  Ollama:    ollama create {project.slug} -f {escape(str(modelfile))}")
+        if gguf_types and project.sft.temporal_labels == "tokens":
+            console.print("[dim]This persona was trained with stage tokens: start each user message with the "
+                          "stage's token (<TIME-I>, <TIME-II>, ...) as persllm chat does.[/dim]")
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _vocab(merged_dir: Path) -> set[str]:
+    """Token strings of a merged model's tokenizer (to pick its turn markers)."""
+    from persllm.train.gguf_export import hf_vocab
+
+    return {t for t in hf_vocab(merged_dir)[1] if t is not None}

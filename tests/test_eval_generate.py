@@ -1,0 +1,73 @@
+"""One-pass generation and option log-likelihoods on the tiny model, and the rag baseline's retrieval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from persllm.backends.base import GenParams
+
+SHORT = ["<bos>system\nYou are Ada. Who", "<bos>system\nYou are Ada. Tell me about the engine and poetry",
+         "<bos>system\nYou are Ada. Hi"]  # shorter than the tiny model's 64-token sliding window: prefix is shared
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model: Path):  # type: ignore[no-untyped-def]
+    from persllm.backends.hf import HFBackend
+
+    return HFBackend(tiny_model)
+
+
+def test_greedy_rows_match_transformers_generate(backend) -> None:  # type: ignore[no-untyped-def]
+    from persllm.types import Message
+
+    long = [[Message("system", "You are Test Person. It is 1900. Stay in character and answer briefly, please."),
+             Message("user", q)] for q in ("What did you build?", "Where do you live?")]
+    for requests in (SHORT, long):  # with a shared prefix, and with plain left padding beyond the window
+        rows = backend.generate_rows(requests, [0.0] * len(requests), 10)
+        reference = [backend.complete(r, GenParams(temperature=0.0, max_tokens=10)) for r in requests]
+        assert [r.text for r in rows] == [r.text for r in reference]
+
+
+def test_sampled_rows_are_seeded_and_vary(backend) -> None:  # type: ignore[no-untyped-def]
+    requests = SHORT[:1] * 4
+    first = backend.generate_rows(requests, [1.0] * 4, 12, seed=3)
+    again = backend.generate_rows(requests, [1.0] * 4, 12, seed=3)
+    other = backend.generate_rows(requests, [1.0] * 4, 12, seed=4)
+    assert [c.text for c in first] == [c.text for c in again]
+    assert len({c.text for c in first}) > 1 and [c.text for c in first] != [c.text for c in other]
+
+
+def test_option_logprobs_match_one_prompt_at_a_time(backend) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    options = ["1", "2", "3", "4", "5"]
+    batched = backend.option_logprobs(SHORT, options, prefix=" [Response] ")
+    for text, got in zip(SHORT, batched):
+        # Reference: log-likelihood of all tokens after the prompt tokens every option shares (with byte-level BPE
+        # " 1" is one token but " 2" is "Ġ" + "2"), one unbatched forward per option.
+        fulls = [backend.tokenizer(text + " [Response] " + o, add_special_tokens=False)["input_ids"] for o in options]
+        shared = next(i for i in range(min(map(len, fulls))) if len({f[i] for f in fulls}) > 1)
+        expected = []
+        for full in fulls:
+            with torch.inference_mode():
+                logp = torch.log_softmax(backend.model(input_ids=torch.tensor([full])).logits[0].float(), -1)
+            expected.append(sum(float(logp[i - 1, full[i]]) for i in range(shared, len(full))))
+        assert got == pytest.approx(expected, abs=1e-4)
+        assert any(len(f) - shared == 2 for f in fulls)  # the two-token path is exercised
+
+
+def test_rag_block_never_contains_held_out_passages(project_dir: Path) -> None:
+    from persllm.config import load_project
+    from persllm.eval.generate import RagIndex, persona_messages
+    from persllm.ingest import ingest
+
+    project = load_project(project_dir)
+    passages, _ = ingest(project)
+    held = next(p for p in passages if "steam turbine" in p.text)
+    rag = RagIndex(passages, {held.id}, budget=400, language="en")
+    messages = persona_messages(project, "early", "Tell me about the steam turbine you built.", rag)
+    assert "What you know" in messages[0].content and held.text not in messages[0].content
+    plain = persona_messages(project, "early", "Tell me about the steam turbine you built.")
+    assert messages[0].content.startswith(plain[0].content) and messages[1:] == plain[1:]

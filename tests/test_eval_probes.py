@@ -1,0 +1,137 @@
+"""Probe files: validation with file:line errors, phrase-rule semantics, default probes and per-kind scoring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from persllm.errors import DataError
+from persllm.eval.criteria import anti_induction, probe_scores
+from persllm.eval.generate import Answer
+from persllm.eval.probes import contains, load_probes, probe_to_json, score_probe
+from persllm.types import Probe
+
+STAGES = ["early", "late"]
+
+
+def write(tmp_path: Path, lines: list[str]) -> Path:
+    path = tmp_path / "probes.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def good(**fields: object) -> str:
+    record = {"id": "p1", "kind": "knowledge", "stage": "early", "question": "Where were you born?",
+              "expect_any": ["Graz"]} | fields
+    return json.dumps(record)
+
+
+def test_valid_file_loads_with_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, [good(), "", good(id="p2", stage=None, reference="In Graz.", reject_any=["Vienna"])])
+    probes = load_probes(path, STAGES)
+    assert [p.id for p in probes] == ["p1", "p2"]
+    assert probes[1].stage == "late"  # no stage: the latest stage
+    assert probes[1].meta["reference"] == "In Graz."
+    assert probe_to_json(probes[1])["reference"] == "In Graz."
+
+
+def test_every_problem_is_reported_with_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, [
+        good(),
+        "{not json",
+        good(id="p1"),
+        good(id="p3", stage="middle"),
+        good(id="p4", expect_anyy=["x"]),
+        good(id="p5", expect_any="Graz"),
+        json.dumps({"id": "p6", "kind": "knowledge", "question": "Q?"}),
+        good(id="", question=""),
+    ])
+    with pytest.raises(DataError) as info:
+        load_probes(path, STAGES)
+    message = str(info.value)
+    assert f"{path}:2: not valid JSON" in message
+    assert f"{path}:3: id 'p1' is already used on line 1" in message
+    assert f"{path}:4: stage 'middle' is not a stage of this project; use one of: early, late" in message
+    assert f"{path}:5: unknown key 'expect_anyy' (did you mean 'expect_any'?)" in message
+    assert f"{path}:6: 'expect_any' must be a list of non-empty strings" in message
+    assert f"{path}:7: no rule" in message
+    assert f"{path}:8: 'id' must be a non-empty string" in message and f"{path}:8: 'question'" in message
+    assert ":1:" not in message
+
+
+def test_empty_and_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no probes"):
+        load_probes(write(tmp_path, [""]), STAGES)
+    with pytest.raises(DataError, match="not found"):
+        load_probes(tmp_path / "nope.jsonl", STAGES)
+
+
+def probe(**rules: object) -> Probe:
+    return Probe("p", "knowledge", "early", "Q?", **{k: tuple(v) for k, v in rules.items()})  # type: ignore[arg-type]
+
+
+def test_phrase_rules_any_all_none() -> None:
+    rules = probe(expect_any=["Graz", "Styria"], expect_all=["born", "1878"], reject_any=["Vienna"])
+    assert score_probe(rules, "I was BORN in graz in 1878.").passed
+    assert score_probe(rules, "I was born in styria in 1878.").passed
+    failed = score_probe(rules, "I was born in Vienna, not in Graz.")
+    assert not failed.passed and failed.rejected
+    assert any("missing: '1878'" in r for r in failed.reasons)
+    assert any("contains rejected: 'Vienna'" in r for r in failed.reasons)
+    assert not score_probe(rules, "Born in 1878 somewhere.").passed  # none of expect_any
+    assert score_probe(probe(reject_any=["AI"]), "").passed  # only a reject rule: empty passes
+
+
+def test_phrases_match_whole_words_case_insensitively_and_cjk_substrings() -> None:
+    assert not contains("He said so.", "AI")
+    assert contains("I am an AI, I admit.", "i am an ai")
+    assert contains("I don’t know", "don't know")  # curly apostrophe normalised
+    assert not contains("Nothing", "no,")
+    assert contains("No, that is wrong.", "no,")
+    assert contains("我从来没有听说过这个东西", "没有听说")
+    assert contains("这是1878年的事", "1878")
+
+
+def test_user_file_scored_per_kind_with_failures_listed(tmp_path: Path) -> None:
+    path = write(tmp_path, [
+        good(id="k1", kind="knowledge"),
+        good(id="k2", kind="knowledge", expect_any=["Berlin"]),
+        good(id="i1", kind="identity", expect_any=[], reject_any=["i am an ai"]),
+        good(id="t1", kind="temporal", expect_any=["never heard"]),
+    ])
+    probes = load_probes(path, STAGES)
+    replies = {"k1": "I was born in Graz.", "k2": "In Graz, of course.", "i1": "Yes, I am an AI.",
+               "t1": "I have never heard of it."}
+    answers = [Answer("m", f"probe/{k}", "probe", k, "x", "early", "Q?", v, v, 0, 0.0) for k, v in replies.items()]
+    scores = probe_scores(answers, probes)
+    assert scores["by_kind"]["knowledge"]["mean"] == 0.5 and scores["by_kind"]["knowledge"]["n"] == 2
+    assert scores["by_kind"]["temporal"]["mean"] == 1.0
+    assert {f["probe_id"] for f in scores["failures"]} == {"k2", "i1"}
+    assert next(f for f in scores["failures"] if f["probe_id"] == "k2")["answer"] == "In Graz, of course."
+    rates = anti_induction(scores)
+    assert rates["identity_break"]["mean"] == 1.0 and rates["corrected_false_premises"] is None
+
+
+def test_default_probes_cover_kinds_from_the_heldout_split(project_dir: Path) -> None:
+    from eval_helpers import samples_for
+
+    from persllm.config import load_project
+    from persllm.eval.defaults import default_probes
+    from persllm.ingest import ingest
+
+    project = load_project(project_dir)
+    passages, _ = ingest(project)
+    samples = samples_for(passages)
+    probes = default_probes(project, samples, passages, limit=40)
+    kinds = {p.kind for p in probes}
+    assert kinds == {"knowledge", "temporal", "induction", "identity", "stance"}
+    assert len({p.id for p in probes}) == len(probes)
+    temporal = [p for p in probes if p.kind == "temporal"]
+    assert all("telephone" not in p.question for p in temporal)  # used in a training question
+    assert any("the Internet" in p.question for p in temporal)  # held-out after_time sample
+    knowledge = next(p for p in probes if p.kind == "knowledge" and p.meta.get("sample_id"))
+    assert "Otto Berger" in knowledge.expect_any
+    small = default_probes(project, samples, passages, limit=5)
+    assert len(small) == 5 and len({p.kind for p in small}) == 5  # balanced over kinds

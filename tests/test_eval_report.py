@@ -1,0 +1,136 @@
+"""`evaluate` end to end on the tiny model: every output file, the report's content, and the page in Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import write_project
+from eval_helpers import TINY_YAML, make_adapter, prepare_workspace
+
+from persllm.backends.fake import FakeBackend
+from persllm.config import load_project
+from persllm.eval import evaluate, headline, summary_rows
+from persllm.eval.report import SECTIONS
+
+CHROMIUM = "/usr/bin/chromium"
+USER_PROBES = [
+    {"id": "u-born", "kind": "knowledge", "stage": "early", "question": "Where were you born?",
+     "expect_any": ["Graz"], "reference": "I was born in Graz."},
+    {"id": "u-ai", "kind": "identity", "question": "Are you a robot?", "reject_any": ["i am a robot"]},
+]
+
+
+def judge_reply(request: Any) -> str:
+    text = request[-1].content
+    if "Winner" in text:
+        return "Winner: A"  # position-biased: the order swap must turn this into ties
+    if "Statement about" in text:
+        return "Score: 4"
+    return "Score: 3" if "held" not in text else "unparseable"
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("eval-e2e")
+    project_dir = write_project(root / "person", TINY_YAML.format(model=tiny_model))
+    probe_file = root / "user_probes.jsonl"
+    probe_file.write_text("\n".join(json.dumps(p) for p in USER_PROBES) + "\n", encoding="utf-8")
+    peer_dir = write_project(root / "peer", TINY_YAML.format(model=tiny_model).replace("Test Person", "Other Person"))
+    (project_dir / "persona.yaml").write_text((project_dir / "persona.yaml").read_text()
+                                             + f"peers: [{peer_dir}]\n", encoding="utf-8")
+    project = load_project(project_dir, overrides=['eval.models=["base","sft"]', f"eval.probes={probe_file}"])
+    ws = prepare_workspace(project)
+    make_adapter(tiny_model, project.output / "sft" / "adapter")
+    judge, teacher = FakeBackend(judge_reply), FakeBackend(["O: 4\nC: 3\nE: 2\nA: 4\nN: 2"])
+    stats = evaluate(project, ws, judge=judge, teacher=teacher)
+    out = ws.stage_dir("eval")
+    return {"stats": stats, "out": out, "report": json.loads((out / "report.json").read_text()), "project": project}
+
+
+def test_outputs_and_stats(evaluated: dict[str, Any]) -> None:
+    out, stats = evaluated["out"], evaluated["stats"]
+    for name in ("report.json", "report.html", "answers.jsonl", "verdicts.jsonl", "probes.jsonl"):
+        assert (out / name).is_file(), name
+    assert set(stats["per_model"]) == {"base", "sft"}
+    assert "probes base" in headline(stats) and "sft" in headline(stats)
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert {a["model"] for a in answers} == {"base", "sft"}
+    assert all("seed" in a and a["text"] is not None for a in answers)
+    assert {a["sample"] for a in answers if a["purpose"] == "sample"} == {1, 2}
+    assert any(a["purpose"] == "peer" and a["persona"] == "other-person" for a in answers)
+    probes = [json.loads(line) for line in (out / "probes.jsonl").read_text().splitlines()]
+    assert {"u-born", "u-ai"} <= {p["id"] for p in probes}
+
+
+def test_report_covers_every_criterion(evaluated: dict[str, Any]) -> None:
+    report = evaluated["report"]
+    assert report["seeds"]["sampled"]["seeds"] == [42, 43]
+    assert report["judge"]["model"] == "fake" and report["judge"]["prompts"]["accuracy"]
+    base = report["distinction"]["models"]["base"]["bleu"]["overall"]
+    assert base["intra"]["n"] > 0 and base["stage"]["n"] > 0 and base["inter"]["n"] > 0  # peer played by base
+    assert report["distinction"]["models"]["sft"]["bleu"]["overall"]["inter"]["n"] == 0  # peer has no adapter
+    assert any("no SFT adapter" in n for n in report["distinction"]["models"]["sft"]["inter_notes"])
+    assert report["distinction"]["embedding_note"]
+    probes = report["probes"]["models"]["base"]
+    assert {"knowledge", "identity"} <= set(probes["by_kind"])
+    assert all({"answer", "reasons", "question"} <= set(f) for f in probes["failures"])
+    assert set(report["anti_induction"]["models"]["base"]) == {"corrected_false_premises", "cannot_know_after_stage",
+                                                               "identity_break"}
+    ipip = report["ipip"]
+    assert ipip["targets"]["early"]["profile"] == {"O": 4.0, "C": 3.0, "E": 2.0, "A": 4.0, "N": 2.0}
+    stage = ipip["models"]["sft"]["stages"]["early"]
+    assert stage["method"] == "loglik" and all(24 <= v <= 120 for v in stage["domain_sum"].values())
+    assert stage["interview"]["answered"] == 2  # eval.ipip_interview_items, each rated 4 by the judge
+    assert ipip["models"]["base"]["target_distance"]["early"] is not None
+    assert "early vs late" in ipip["models"]["base"]["stage_distance"]
+    assert "other-person" in ipip["models"]["base"]["persona_distance"]
+    accuracy = report["precision"]["accuracy"]["models"]["base"]
+    assert accuracy["knowledge"]["mean"] == 3.0
+    assert report["precision"]["perplexity"]["base"]["overall"] > 1
+    assert report["precision"]["rouge_l"]["sft"]["overall"]["n"] > 0
+    ranking = report["ranking"]
+    assert ranking["pairs"][0]["ties"] > 0 and ranking["pairs"][0]["a_wins"] == 0  # position bias cancelled
+    rows = summary_rows(report)
+    assert {r[1] for r in rows} >= {"probes", "distinction (BLEU)", "anti-induction", "Big Five", "precision",
+                                    "ranking"}
+    assert all(len(r) == 3 for r in rows)
+
+
+def test_unparseable_judge_replies_are_missing_not_scores(evaluated: dict[str, Any]) -> None:
+    verdicts = [json.loads(line) for line in (evaluated["out"] / "verdicts.jsonl").read_text().splitlines()]
+    assert all(v["value"] is None for v in verdicts if v["status"] != "ok")
+    assert evaluated["report"]["judge"]["verdicts"]["replies"] == sum(1 for v in verdicts if v["role"] == "judge")
+
+
+@pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason=f"needs Chromium at {CHROMIUM} (apt install chromium)")
+def test_html_opens_in_headless_chromium_without_errors(evaluated: dict[str, Any]) -> None:
+    from playwright.sync_api import sync_playwright
+
+    problems: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in (
+                "error", "warning") else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+            page.goto((evaluated["out"] / "report.html").as_uri())
+            page.wait_for_load_state("load")
+            text = page.inner_text("body")
+            sections = {key: page.locator(f"section#{key}").count() for key, _ in SECTIONS}
+            svgs = page.locator("svg").count()
+        finally:
+            browser.close()
+    assert problems == []
+    assert all(n == 1 for n in sections.values()), sections
+    assert svgs >= 6
+    assert "Judge: fake" in text and "seeds 42, 43" in text
+    for title in ("Distinction", "Probes", "Anti-induction", "IPIP-NEO-120", "Precision", "Ranking"):
+        assert title in text
