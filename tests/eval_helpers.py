@@ -5,29 +5,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from conftest import MINIMAL_YAML
+
 from persllm.config import Project
 from persllm.ingest import ingest
 from persllm.pipeline import workspace
 from persllm.types import Passage, Sample, to_record
 from persllm.workspace import Workspace, write_jsonl
 
-TINY_YAML = """\
-name: Test Person
-language: en
-base_model: hf:{model}
-teacher: fake
-output_dir: out
-stages:
-  - id: early
-    label: "1900"
-    description: A young engineer in Vienna.
-    knowledge: early_knowledge.txt
-    style: early_style.txt
-  - id: late
-    label: "1930"
-    description: A famous inventor in Berlin.
-    knowledge: late_knowledge.txt
-    style: late_style.txt
+# The shared two-stage test persona on a local model and a fake teacher, with a small eval section.
+TINY_YAML = MINIMAL_YAML.replace("stages:\n", "base_model: hf:{model}\nteacher: fake\noutput_dir: out\nstages:\n", 1) + """\
 eval:
   models: [base]
   max_probes: 10

@@ -108,3 +108,29 @@ def test_person_conversion_and_false_premises() -> None:
     assert premise.false_value in premise.false_sentence
     zh = F.persona_ref("居里夫人", "zh", ["她在巴黎工作。"])
     assert F.convert_person("居里夫人1891年来到巴黎，她和她们一起学习。", zh) == "我1891年来到巴黎，我和她们一起学习。"
+
+
+def _placeholders(node: object, path: str = "") -> dict[str, set[str]]:
+    """Dotted key -> the {placeholders} its text uses (lists contribute their items' placeholders)."""
+    import string
+
+    if isinstance(node, dict):
+        return {k: v for key, child in node.items() for k, v in _placeholders(child, f"{path}.{key}").items()}
+    if isinstance(node, list):
+        return {path: set().union(*(_placeholders(item, path).get(path, set()) for item in node))}
+    names = {f for _, f, _, _ in string.Formatter().parse(str(node)) if f} if isinstance(node, str) else set()
+    return {path: names}
+
+
+def test_prompt_files_have_the_same_keys_and_placeholders_in_every_language() -> None:
+    from persllm.prompts import LANGUAGES, load_prompts
+
+    en = _placeholders({k: v for k, v in load_prompts("en").data.items() if k != "version"})
+    for language in LANGUAGES[1:]:
+        other = _placeholders({k: v for k, v in load_prompts(language).data.items() if k != "version"})
+        assert set(other) == set(en), f"{language}: keys differ: {sorted(set(other) ^ set(en))}"
+        # a list holds alternatives (a translation may use fewer of its fields); a single text must match exactly
+        lists = {k for k in en if isinstance(load_prompts("en").get(k.lstrip(".")), list)}
+        differing = {k for k in en if not ({p.lower() for p in other[k]} <= {p.lower() for p in en[k]}
+                                           if k in lists else {p.lower() for p in en[k]} == {p.lower() for p in other[k]})}
+        assert not differing, f"{language}: placeholders differ in {sorted(differing)}"

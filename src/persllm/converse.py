@@ -25,6 +25,7 @@ from persllm import text as T
 from persllm.backends.base import Backend, GenParams
 from persllm.config import Project
 from persllm.errors import BackendError, ConfigError
+from persllm.prompts import Prompts, load_prompts
 from persllm.types import Message
 from persllm.workspace import write_text
 
@@ -36,32 +37,7 @@ Verdict = Literal["consistent", "inconsistent", "undetermined"]
 MODES: tuple[str, ...] = ("debate", "collaboration")
 POLICIES: tuple[str, ...] = ("round_robin", "addressed", "model")
 
-# Prompts are code: the opening each agent reads (in its persona's language), the next-speaker chooser and the stance
-# judge. The judge prompts are English, like persllm's other judge prompts; replies are parsed strictly.
-OPENING = {
-    "en": ("{title} on the topic: {topic}\nTaking part: {names}. Messages from the others begin with their name. "
-           "Speak only for yourself, as {name}, in one short paragraph; never write anyone else's lines. {task}"),
-    "zh": ("{title}，话题：{topic}\n参与者：{names}。其他人的发言以其名字开头。只代表你自己（{name}）发言，"
-           "用一小段话；绝不要替别人说话。{task}"),
-}
-TASK = {
-    ("en", "debate"): ("A debate", ("State your own view, defend it, answer the others' arguments, and disagree "
-                                    "where you truly disagree.")),
-    ("en", "collaboration"): ("A collaboration", ("Work with the others towards a shared idea or plan; bring in "
-                                                  "what you know and say plainly what you do not know.")),
-    ("zh", "debate"): ("一场辩论", "陈述并捍卫你自己的观点，回应他人的论点，在你真正不同意的地方提出异议。"),
-    ("zh", "collaboration"): ("一次合作", "与其他人一起形成共同的想法或计划；贡献你所知道的，坦率说明你不知道的。"),
-}
-FIRST = {"en": "You speak first.", "zh": "你先发言。"}
-AGAIN = {"en": "Please go on.", "zh": "请继续。"}
-CHOOSER_SYSTEM = "You moderate a conversation between several people. You follow the requested output format exactly."
-CHOOSER = ("A conversation about: {topic}\n\n{transcript}\n\nWho should speak next? Choose one of: {candidates}. "
-           "Prefer someone who was just addressed or who has something to answer.\n"
-           'Reply with exactly one line "Next: NAME".')
-STANCE_SYSTEM = "You are a careful annotator of opinions. You follow the requested output format exactly."
-STANCE = ('Topic: {topic}\n\n{name} said: "{text}"\n\nIn this statement, is {name} for the topic, against it, or '
-          'neutral (no clear position)?\nReply with exactly one line "Stance: for", "Stance: against" or '
-          '"Stance: neutral".')
+# Prompts (opening, next-speaker chooser, stance annotator) live in prompts/<language>.yaml under `converse`.
 _NEXT = re.compile(r"^[*_#\s]*next[*_\s]*[:：][*_\s]*(.+?)[*_.\s]*$", re.IGNORECASE)
 _STANCE = re.compile(r"^[*_#\s]*stance[*_\s]*[:：][*_\s]*(for|against|neutral)[*_.\s]*$", re.IGNORECASE)
 _CONTEXT_TURNS = 6  # turns shown to the chooser
@@ -196,11 +172,11 @@ def _check(agents: Sequence[Agent], topic: str, turns: int, mode: str, policy: s
 def agent_messages(agent: Agent, agents: Sequence[Agent], history: Sequence[Turn], topic: str,
                    mode: str) -> list[Message]:
     """The prompt of `agent`: its persona prompt, the opening, then the conversation seen from its side."""
-    lang = agent.project.language if agent.project.language in OPENING else "en"
-    title, task = TASK[(lang, mode)]
-    opening = OPENING[lang].format(title=title, topic=topic.strip(), names=", ".join(a.name for a in agents),
-                                   name=agent.name, task=task)
-    turns = [Message("user", opening + ("" if history else "\n" + FIRST[lang]))]
+    prompts = load_prompts(agent.project.language)
+    opening = prompts.fill("converse.opening", title=prompts.get(f"converse.modes.{mode}.title"), topic=topic.strip(),
+                           names=", ".join(a.name for a in agents), name=agent.name,
+                           task=prompts.get(f"converse.modes.{mode}.task"))
+    turns = [Message("user", opening + ("" if history else "\n" + prompts.get("converse.first")))]
     for turn in history:
         if turn.speaker == agent.name:
             turns.append(Message("assistant", turn.text))
@@ -209,7 +185,7 @@ def agent_messages(agent: Agent, agents: Sequence[Agent], history: Sequence[Turn
         else:
             turns.append(Message("user", f"{turn.speaker}: {turn.text}"))
     if turns[-1].role == "assistant":
-        turns.append(Message("user", AGAIN[lang]))
+        turns.append(Message("user", prompts.get("converse.again")))
     ctx = template.context_for(agent.project, agent.stage)
     return template.prompt_messages(ctx, turns[-1].content, turns[:-1])
 
@@ -288,9 +264,10 @@ def choose_by_model(backend: Backend, agents: Sequence[Agent], speaker: int, his
     """Ask a model who speaks next; None when the reply is not exactly one valid candidate."""
     candidates = [a.name for i, a in enumerate(agents) if i != speaker]
     shown = "\n".join(f"{t.speaker}: {t.text}" for t in history[-_CONTEXT_TURNS:])
-    prompt = CHOOSER.format(topic=topic, transcript=shown, candidates=", ".join(candidates))
+    prompts = load_prompts(agents[speaker].project.language)
+    prompt = prompts.fill("converse.chooser", topic=topic, transcript=shown, candidates=", ".join(candidates))
     try:
-        reply = backend.complete([Message("system", CHOOSER_SYSTEM), Message("user", prompt)],
+        reply = backend.complete([Message("system", prompts.get("converse.chooser_system")), Message("user", prompt)],
                                  GenParams(temperature=0.0, max_tokens=24)).text
     except BackendError as exc:
         log.warning("next-speaker choice failed (%s); falling back to round robin", exc)
@@ -308,7 +285,8 @@ def track_stance(topic: str, agents: Sequence[Agent], turns: Sequence[Turn], jud
     """Judge each turn's stance (with a judge), else compare each agent's turns with its first one by similarity."""
     if judge is not None:
         return StanceReport(f"judge:{judge.name}", topic,
-                            tuple(_judged(topic, a.name, turns, judge) for a in agents))
+                            tuple(_judged(topic, a.name, turns, judge, load_prompts(a.project.language))
+                                  for a in agents))
     method, vectors = _vectors([t.text for t in turns], embedding_model)
     return StanceReport(method, topic, tuple(_similar(a.name, turns, vectors) for a in agents))
 
@@ -319,14 +297,15 @@ def parse_stance(reply: str) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def _judged(topic: str, name: str, turns: Sequence[Turn], judge: Backend) -> AgentStance:
+def _judged(topic: str, name: str, turns: Sequence[Turn], judge: Backend, prompts: Prompts) -> AgentStance:
     labels: list[str | None] = []
     for turn in (t for t in turns if t.speaker == name):
         label = None
         for attempt in range(2):  # one retry with another seed; still unparseable = missing, never a guess
-            prompt = STANCE.format(topic=topic, name=name, text=turn.text)
+            prompt = prompts.fill("converse.stance", topic=topic, name=name, text=turn.text)
             try:
-                reply = judge.complete([Message("system", STANCE_SYSTEM), Message("user", prompt)],
+                reply = judge.complete([Message("system", prompts.get("converse.stance_system")),
+                                        Message("user", prompt)],
                                        GenParams(temperature=0.0 if attempt == 0 else 0.7, max_tokens=16,
                                                  seed=attempt)).text
             except BackendError as exc:

@@ -32,7 +32,7 @@ class Prompts:
             node = node[part]
         return node
 
-    def fill(self, key: str, **values: Any) -> str:
+    def fill(self, key: str, /, **values: Any) -> str:
         """The prompt at `key` with its {placeholders} filled."""
         return fill(self.get(key), **values)
 
@@ -48,7 +48,7 @@ class _Values(dict):  # type: ignore[type-arg]
         raise KeyError(key)
 
 
-def fill(text: str, **values: Any) -> str:
+def fill(text: str, /, **values: Any) -> str:
     """Fill {placeholders} in `text`; a missing value raises a KeyError naming it."""
     try:
         return string.Formatter().vformat(text, (), _Values(values))
