@@ -20,6 +20,7 @@ BENCHMARKS = {
     "construct": "benchmarks.construct_throughput",
     "dedup": "benchmarks.dedup",
     "training": "benchmarks.training",
+    "ipip": "benchmarks.ipip",
     "serve": "benchmarks.serve",
     "load": "benchmarks.serve:run_load",
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,6 +63,7 @@ def setup_logging(verbose: bool) -> None:
     if not verbose:  # read when transformers/huggingface_hub are first imported: their own bars and notices
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices meant for library authors
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "accelerate", "peft", "trl"):
