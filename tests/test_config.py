@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLES, MINIMAL_YAML, write_project
 
-from persllm.config import load_project, parse_model_spec
+from persllm.config import PRESETS, DPOConfig, load_project, parse_model_spec
 from persllm.errors import ConfigError
 
 
@@ -30,7 +30,7 @@ def test_preset_and_overrides_layer_in_order(project_dir: Path) -> None:
     project = load_project(project_dir, preset="demo", overrides=["sft.max_steps=7", "teacher=openai:gpt-x"])
     assert project.preset == "demo"
     assert project.sft.max_steps == 7  # --set beats the preset
-    assert project.dpo.max_steps == 16  # from the preset
+    assert project.dpo.max_steps == PRESETS["demo"]["dpo"]["max_steps"] != DPOConfig().max_steps  # from the preset
     assert project.teacher.backend == "openai" and project.teacher.model == "gpt-x"
 
 
