@@ -1,11 +1,16 @@
-"""Shared fixtures: an isolated persllm home, a tiny random model, and small persona projects."""
+"""Shared fixtures: an isolated persllm home, a tiny random model, small persona projects, and server helpers."""
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,3 +103,37 @@ def write_project(root: Path, yaml_text: str = MINIMAL_YAML, knowledge: dict[str
 def project_dir(tmp_path: Path) -> Path:
     """A fresh copy of the small two-stage test project."""
     return write_project(tmp_path / "person")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): the tiny model
+    gains nothing from two, and OpenMP threads spinning against other processes on a busy 2-core box made whole
+    files 10x slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 120) -> httpx.Response | None:  # type: ignore[type-arg]
+    """GET `url` until it answers 200; None when `proc` exits or `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
+        try:
+            response = httpx.get(url, timeout=2)
+            if response.status_code == 200:
+                return response
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from conftest import MINIMAL_YAML, write_project
+from conftest import MINIMAL_YAML, free_port, write_project
 
 from persllm.train.dist import ACCELERATE_CONFIGS, accelerate_config
 from persllm.workspace import Workspace, file_sha256
@@ -41,12 +40,6 @@ def config_path(name: str) -> Path:
     path = accelerate_config(name)
     assert path == Path(str(resources.files("persllm"))) / "configs" / "accelerate" / f"{name}.yaml"
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

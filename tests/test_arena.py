@@ -7,13 +7,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port, wait_for_http
 
 from persllm.arena import ArenaStore, heldout_questions, prepare, standings
 from persllm.arena.app import create_arena_app
@@ -188,23 +188,14 @@ def test_arena_cli_export_and_errors(arena: tuple[Project, ArenaStore], project_
 def test_arena_cli_prepares_answers_and_serves(project_dir: Path, tiny_model: Path) -> None:
     project = load_project(project_dir)
     construct_outputs(project)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "persllm", "arena", str(project_dir), "--models", "base,fake",
                                 "--set", f"base_model=hf:{tiny_model}", "--max-tokens", "6", "--port", str(port)],
                                env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        page = None
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        assert page is not None and page.status_code == 200, process.stderr.read() if process.poll() else ""
+        page = wait_for_http(f"http://127.0.0.1:{port}/", process, timeout=120)
+        assert page is not None, process.stderr.read() if process.poll() is not None else "no answer in 120 s"
         assert 'id="question"' in page.text
         store = ArenaStore(project.output / "arena" / "arena.sqlite")
         assert store.models() == ["base", "fake"] and len(store.questions()) == 3

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import MINIMAL_YAML, write_project
+from conftest import MINIMAL_YAML, free_port, write_project
 
 
 def persllm(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -17,12 +16,6 @@ def persllm(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     env = dict(os.environ, COLUMNS="200")
     return subprocess.run([sys.executable, "-m", "persllm", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=timeout, env=env)
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -71,7 +64,7 @@ def test_bad_input_one_line_error_and_nothing_written(tmp_path: Path, mutate, ex
 
 def test_unreachable_teacher_fails_fast_without_partial_output(tmp_path: Path) -> None:
     root = write_project(tmp_path / "p")
-    url = f"http://127.0.0.1:{closed_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     result = persllm("construct", str(root), "--set", f"teacher=openai:some-model@{url}", timeout=60)
     assert result.returncode == 1
     line = error_line(result)

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
 import pytest
-from conftest import write_project
+from conftest import free_port, write_project
 from eval_helpers import TINY_YAML, prepare_workspace
 
 from persllm.backends.fake import FakeBackend
 from persllm.config import load_project
 from persllm.errors import BackendError, ConfigError, DataError
 from persllm.eval import evaluate
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -32,7 +25,7 @@ def tiny_project(tmp_path: Path, tiny_model: Path):  # type: ignore[no-untyped-d
 
 
 def test_unreachable_endpoint_fails_fast(tiny_project) -> None:  # type: ignore[no-untyped-def]
-    url = f"http://127.0.0.1:{closed_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     project, ws = tiny_project(f'eval.models=["base","openai:x@{url}"]')
     started = time.monotonic()
     with pytest.raises(BackendError, match=r"cannot reach the OpenAI-compatible endpoint .*127\.0\.0\.1"):

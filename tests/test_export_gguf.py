@@ -22,17 +22,9 @@ from persllm.train.gguf_export import ExportError, export_gguf, export_ggufs
 from persllm.train.merge import best_variant, merge_variant, merged_meta
 from persllm.types import Message, Negative
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # module-wide, see conftest
 NEW_TOKENS = 24
 F16_NEAR_TIE = 0.02  # F16 weights may only flip a greedy choice where transformers' top two logits nearly tie
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    """One intra-op thread: the tiny model gains nothing from two on a busy 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

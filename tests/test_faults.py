@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import MINIMAL_YAML, write_project
+from conftest import MINIMAL_YAML, free_port, wait_for_http, write_project
 
 from persllm.config import load_project
 from persllm.errors import ConfigError, PersllmError
@@ -28,12 +27,6 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 def _persllm(*args: str) -> list[str]:
     return [sys.executable, "-m", "persllm", *args]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_sigkill_during_training_resumes_from_checkpoint(project_dir: Path, tiny_model: Path) -> None:
@@ -66,20 +59,15 @@ def test_sigkill_during_arena_voting_loses_no_acknowledged_vote(project_dir: Pat
                                                    f"base_model=hf:{tiny_model}"])
     run(project, ["ingest", "construct"])
     db = tmp_path / "arena.sqlite"
-    port = _free_port()
+    port = free_port()
     cmd = _persllm("arena", str(project_dir), "--set", "teacher=fake", "--set", "construct.mode=grounded",
                    "--set", f"base_model=hf:{tiny_model}", "--models", "base,fake", "--questions", "4",
                    "--max-tokens", "8", "--db", str(db), "--port", str(port))
 
     def start() -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    return proc
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        if wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout=240) is not None:
+            return proc
         proc.kill()
         pytest.fail("the arena did not start")
 

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+from conftest import free_port, wait_for_http
 
 pytest.importorskip("llama_cpp.server", reason="needs persllm[llamacpp]")
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,24 +24,16 @@ def llama_server(persllm_home: Path) -> Iterator[str]:
     from persllm.models import embedded_chat_gguf
 
     model = embedded_chat_gguf()
-    port = _free_port()
+    port = free_port()
     log = open(persllm_home / "llama_server.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
                              "--port", str(port), "--n_ctx", "2048", "--model_alias", "gemma-270m"],
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited: {(persllm_home / 'llama_server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("llama_cpp.server did not start within 120 s")
+        if wait_for_http(f"{url}/models", proc, timeout=120) is None:
+            raise RuntimeError("llama_cpp.server did not start within 120 s: "
+                               + (persllm_home / "llama_server.log").read_text()[-2000:])
         yield url
     finally:
         proc.terminate()

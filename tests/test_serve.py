@@ -14,13 +14,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import MINIMAL_YAML, write_project
+from conftest import MINIMAL_YAML, free_port, wait_for_http, write_project
 
 from persllm import variants
 from persllm.backends.base import Completion, GenParams, Request, Result, Usage, sequential_many
 from persllm.config import Project, load_project
 from persllm.serve import Limits, ModelPool, Served, create_app, key_ok, load_api_keys, model_entries, serve_in_thread
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # module-wide, see conftest
 KEYS = ("key-one", "key-two")
 
 
@@ -65,17 +66,6 @@ class Echo:
 
 def expected_echo(question: str) -> str:
     return f"{question} echoed by You are Echo Person"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """The tiny model is fastest on one thread; two OpenMP threads on busy shared cores run up to 40x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -278,21 +268,13 @@ def test_serve_cli_errors_and_startup(project_dir: Path, tmp_path: Path) -> None
         port = str(taken.getsockname()[1])
         busy = persllm("serve", str(project_dir), "--port", port)
     assert busy.returncode == 1 and f"127.0.0.1:{port}" in busy.stderr and "in use" in busy.stderr
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
+    port = str(free_port())
     process = subprocess.Popen([sys.executable, "-m", "persllm", "serve", str(project_dir), "--port", port],
                                env={**__import__("os").environ, "PERSLLM_API_KEYS": "cli-key"},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                httpx.get(f"{url}/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        assert wait_for_http(f"{url}/health", process, timeout=60) is not None, process.stderr.read()
         ids = [m.id for m in client(url, "cli-key").models.list()]
         assert ids == ["test-person@early:base", "test-person@early", "test-person@late:base", "test-person@late"]
         assert httpx.get(f"{url}/v1/models").status_code == 401

@@ -24,6 +24,7 @@ from persllm.train.prefs import preference_accuracy
 from persllm.train.sft import prepare_sft, train_sft
 from persllm.types import Message, Negative, PreferencePair, Sample
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # module-wide, see conftest
 STAGES = ("early", "late")
 
 
@@ -108,16 +109,6 @@ def tree_digest(path: Path) -> dict[str, str]:
 
 
 # -- module fixtures: one SFT run in time-token mode, one DPO run on top of it ---------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    """One intra-op thread: the tiny model gains nothing from two, and on a busy 2-core box OpenMP threads
-    spinning against other processes made this file 10x slower (150 s instead of 15 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("sft-run")
