@@ -14,7 +14,6 @@ import httpx
 
 from persllm.backends.base import Completion, GenParams, Request, Result, Usage, with_retries
 from persllm.errors import BackendError, ConfigError
-from persllm.types import Message
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
