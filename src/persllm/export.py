@@ -14,7 +14,7 @@ import yaml
 
 from persllm import template
 from persllm.config import Project
-from persllm.train.data import sample_messages, to_chat
+from persllm.train.data import pair_record, sample_messages, to_chat
 from persllm.types import Message, PreferencePair, Sample
 from persllm.workspace import write_json, write_jsonl, write_text
 
@@ -28,9 +28,7 @@ def trl_sft(project: Project, samples: Sequence[Sample]) -> list[dict[str, Any]]
 
 def trl_dpo(pairs: Sequence[PreferencePair]) -> list[dict[str, Any]]:
     """TRL conversational preference records: prompt / chosen / rejected message lists."""
-    return [{"id": p.id, "prompt": to_chat(p.prompt), "chosen": [{"role": "assistant", "content": p.chosen}],
-             "rejected": [{"role": "assistant", "content": p.rejected}], "negative_type": p.negative_type}
-            for p in pairs]
+    return [{"id": p.id, **pair_record(p), "negative_type": p.negative_type} for p in pairs]
 
 
 def export(project: Project, samples: Sequence[Sample], pairs: Sequence[PreferencePair], fmt: str,

@@ -358,9 +358,14 @@ def adapter_stack(adapter: Path) -> list[Path]:
 def load_adapter_stack(model: Any, adapter: Path) -> Any:
     """Merge every adapter of the stack, bottom first, into the model (inference needs no separate adapter, and an
     unmerged adapter with trainable token rows would rebuild the whole embedding on every forward pass)."""
+    return merge_adapters(model, adapter_stack(adapter))
+
+
+def merge_adapters(model: Any, adapters: Sequence[Path]) -> Any:
+    """Merge PEFT adapters into the model in order (each one was trained on the merge of those before it)."""
     from peft import PeftModel
 
-    for path in adapter_stack(adapter):
+    for path in adapters:
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     return model
 

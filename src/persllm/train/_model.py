@@ -191,15 +191,6 @@ def set_stop_tokens(model: Any, tokenizer: Any) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def merge_adapters(model: Any, adapters: Sequence[Path]) -> Any:
-    """Merge PEFT adapters into the model in order (each one was trained on the merge of those before it)."""
-    from peft import PeftModel
-
-    for path in adapters:
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-    return model
-
-
 @dataclass
 class Loaded:
     """The model to tune and how it was built."""
@@ -216,7 +207,7 @@ def load_base(project: Project, quantize: bool = False) -> Loaded:
     from transformers import set_seed
 
     from persllm.backends import base_model_path
-    from persllm.backends.hf import adapter_stack
+    from persllm.backends.hf import adapter_stack, merge_adapters
 
     set_seed(project.seed)  # resizing samples the new token rows at random
 

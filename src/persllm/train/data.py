@@ -10,7 +10,7 @@ from typing import Any
 from persllm import template
 from persllm.config import Project
 from persllm.errors import DataError
-from persllm.types import Message, Sample
+from persllm.types import Message, PreferencePair, Sample
 
 PERSONIFIED_KINDS: tuple[str, ...] = ("ordinary", "opinion", "induced", "general")
 
@@ -84,3 +84,9 @@ def _sample_indices(available: int, wanted: int, rng: random.Random) -> list[int
         return []
     full, rest = divmod(wanted, available)
     return [i for _ in range(full) for i in range(available)] + rng.sample(range(available), rest)
+
+
+def pair_record(pair: PreferencePair) -> dict[str, Any]:
+    """A pair in TRL's conversational preference format."""
+    return {"prompt": to_chat(pair.prompt), "chosen": [{"role": "assistant", "content": pair.chosen}],
+            "rejected": [{"role": "assistant", "content": pair.rejected}]}

@@ -17,7 +17,7 @@ from persllm.config import Project, resolved_dict
 from persllm.errors import DataError, PersllmError
 from persllm.progress import NULL, Progress
 from persllm.train import _model, dist
-from persllm.train.data import to_chat
+from persllm.train.data import pair_record
 from persllm.train.sft import (
     OTHER_RANK_SMOKE,
     SHARDED_SMOKE,
@@ -140,7 +140,7 @@ class SFTStart:
 def load_sft_result(project: Project, sft_dir: Path, scratch: Path) -> SFTStart:
     """Base + merged SFT adapter stack (adapter/), or the fully fine-tuned SFT model (model/)."""
     from persllm.backends import base_model_path
-    from persllm.backends.hf import adapter_stack
+    from persllm.backends.hf import adapter_stack, merge_adapters
 
     adapter, full = sft_dir / "adapter", sft_dir / "model"
     method = project.sft.method
@@ -149,7 +149,7 @@ def load_sft_result(project: Project, sft_dir: Path, scratch: Path) -> SFTStart:
             raise DataError(f"{sft_dir} holds a LoRA adapter but sft.method=full; re-run SFT with this config")
         base = base_model_path(project.base_model)
         tokenizer, _ = _model.load_tokenizer(adapter, project)
-        model = _model.merge_adapters(_model.load_model(base, tokenizer), adapter_stack(adapter))
+        model = merge_adapters(_model.load_model(base, tokenizer), adapter_stack(adapter))
         if method == "qlora":
             model = _requantize(model, tokenizer, scratch)
         return SFTStart(model, tokenizer, base, adapter, [adapter])
@@ -172,12 +172,6 @@ def _requantize(model: Any, tokenizer: Any, scratch: Path) -> Any:
     del model
     quantized = _model.load_model(scratch, tokenizer, quantize=True)
     return prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False)
-
-
-def pair_record(pair: PreferencePair) -> dict[str, Any]:
-    """A pair in TRL's conversational preference format."""
-    return {"prompt": to_chat(pair.prompt), "chosen": [{"role": "assistant", "content": pair.chosen}],
-            "rejected": [{"role": "assistant", "content": pair.rejected}]}
 
 
 def drop_too_long_pairs(records: list[dict[str, Any]], tokenizer: Any,

@@ -16,10 +16,10 @@ from typing import Any
 from persllm import template
 from persllm.config import Project
 from persllm.errors import ConfigError
+from persllm.variants import TUNED
 from persllm.workspace import replace_dir, write_json
 
 MERGED_FILE = "persllm_merged.json"
-TUNED = ("sft", "dpo")
 
 
 def variant_source(project: Project, variant: str) -> Path:
@@ -65,7 +65,7 @@ def _merged(project: Project, source: Path) -> tuple[Any, Any, str, list[Path]]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from persllm.backends import base_model_path
-    from persllm.backends.hf import adapter_stack, load_adapter_stack
+    from persllm.backends.hf import adapter_stack, merge_adapters
     from persllm.models import prepare_tokenizer
     from persllm.train._model import set_stop_tokens
 
@@ -78,8 +78,7 @@ def _merged(project: Project, source: Path) -> tuple[Any, Any, str, list[Path]]:
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     stack = [] if full else adapter_stack(source)
-    if not full:
-        model = load_adapter_stack(model, source)
+    model = merge_adapters(model, stack)
     model = model.to(_stored_dtype(AutoConfig.from_pretrained(base)))
     set_stop_tokens(model, tokenizer)
     return model, tokenizer, base, stack

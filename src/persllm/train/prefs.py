@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from persllm.progress import NULL, Progress
+from persllm.train.sft import end_of_turn
 from persllm.types import PreferencePair
 
 
@@ -24,10 +25,7 @@ def preference_accuracy(base_path: str, adapter: Path | None, pairs: Sequence[Pr
     if not pairs:
         return {"pairs": 0, "accuracy": None, "accuracy_sum": None}
     with session():
-        backend = HFBackend(base_path, adapter=adapter, batch_size=batch_size)
-        if hasattr(backend.model, "merge_and_unload"):
-            # Scoring never needs the adapter separate; unmerged trainable tokens rebuild the embedding every call.
-            backend.model = backend.model.merge_and_unload()
+        backend = HFBackend(base_path, adapter=adapter, batch_size=batch_size)  # adapter stack merged at load
         scores = _score_pairs(backend, pairs, progress, batch_size)
     return summarize(pairs, scores)
 
@@ -36,7 +34,7 @@ def _score_pairs(backend: Any, pairs: Sequence[PreferencePair], progress: Progre
                  batch_size: int) -> list[tuple[float, int]]:
     """(sum log-prob, tokens) of chosen then rejected for every pair, in order."""
     try:
-        end = _end_marker(backend.tokenizer)
+        end = end_of_turn(backend.tokenizer)
         requests = [(list(p.prompt), text + end) for p in pairs for text in (p.chosen, p.rejected)]
         scores = []
         with progress.task("scoring preference pairs", total=len(requests)) as task:
@@ -70,8 +68,3 @@ def summarize(pairs: Sequence[PreferencePair], scores: Sequence[tuple[float, int
             "by_type": {t: {"pairs": total, "accuracy": round(won / total, 4)}
                         for t, (won, total) in sorted(by_type.items())}}
 
-
-def _end_marker(tokenizer: Any) -> str:
-    from persllm import template
-
-    return template.markers_for(tokenizer.get_vocab())[1]
