@@ -64,17 +64,18 @@ def run_stage(project: Project, stage: str, ws: Workspace, force: bool = False,
     """Run one stage unless its outputs are current."""
     if dist.is_distributed() and stage not in DISTRIBUTED_STAGES:
         # Under `accelerate launch`, stages that do not train (teacher calls, evaluation) run on rank 0 alone.
-        outcome = _run_stage(project, stage, ws, force, progress, False) if dist.is_main_process() else None
+        outcome = _run_stage(project, stage, ws, force, progress) if dist.is_main_process() else None
         dist.barrier()
         return outcome or StageOutcome(stage, skipped=True, stats=_read_stats(ws.stage_dir(stage)))
-    return _run_stage(project, stage, ws, force, progress, dist.is_distributed())
+    return _run_stage(project, stage, ws, force, progress)
 
 
-def _run_stage(project: Project, stage: str, ws: Workspace, force: bool, progress: Progress,
-               collective: bool) -> StageOutcome:
+def _run_stage(project: Project, stage: str, ws: Workspace, force: bool, progress: Progress) -> StageOutcome:
     spec = STAGE_SPECS[stage]
+    collective = dist.is_distributed() and stage in DISTRIBUTED_STAGES  # every rank runs it together
     upstream = ws.upstream_digests(stage, upstream_of(project, stage))
-    fp = fingerprint(stage, spec.version, spec.config(project), upstream)
+    settings = spec.config(project)  # once: hashing material or loading peers is not free
+    fp = fingerprint(stage, spec.version, settings, upstream)
     if not force and ws.is_current(stage, fp):
         progress.note(f"{stage}: up to date, skipped")
         manifest_stats = _read_stats(ws.stage_dir(stage))
@@ -86,8 +87,7 @@ def _run_stage(project: Project, stage: str, ws: Workspace, force: bool, progres
     started = time.monotonic()
     stats = spec.run(project, ws, progress)
     if dist.is_main_process():
-        write_yaml(ws.stage_dir(stage) / "config.yaml", {"stage": stage, "fingerprint": fp,
-                                                         "settings": spec.config(project)})
+        write_yaml(ws.stage_dir(stage) / "config.yaml", {"stage": stage, "fingerprint": fp, "settings": settings})
         ws.finish(stage, fp, stats)
     if collective:
         dist.barrier()  # the next stage's fingerprint reads this manifest on every rank
@@ -247,8 +247,8 @@ def _run_dpo(project: Project, ws: Workspace, progress: Progress) -> dict[str, A
     from persllm.train import build_pairs, pairs_by_split, preference_accuracy, train_dpo
 
     samples = load_samples(ws)
-    peer_samples = [s for peer in _peer_projects(project) if Workspace(peer.output).manifest("construct")
-                    for s in load_samples(Workspace(peer.output))]
+    peer_spaces = [Workspace(peer.output) for peer in _peer_projects(project)]
+    peer_samples = [s for peer_ws in peer_spaces if peer_ws.manifest("construct") for s in load_samples(peer_ws)]
     pairs, pair_stats = build_pairs(project, samples, load_negatives(ws), peer_samples)
     split = pairs_by_split(pairs, samples)
     out = ws.stage_dir("dpo")
@@ -298,8 +298,10 @@ def _run_eval(project: Project, ws: Workspace, progress: Progress) -> dict[str, 
 
 def upstream_of(project: Project, stage: str) -> tuple[str, ...]:
     """Stages whose outputs `stage` reads: eval needs only the tuned models it evaluates (base/rag need no training)."""
+    from persllm.variants import TUNED
+
     if stage == "eval":
-        return ("construct",) + tuple(v for v in ("sft", "dpo") if v in project.eval.models)
+        return tuple(up for up in UPSTREAM[stage] if up not in TUNED or up in project.eval.models)
     return UPSTREAM[stage]
 
 

@@ -25,7 +25,7 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "construct": ("ingest",),
     "sft": ("construct",),
     "dpo": ("construct", "sft"),
-    "eval": ("construct", "sft", "dpo"),
+    "eval": ("construct", "sft", "dpo"),  # the most eval reads: pipeline.upstream_of keeps the models evaluated
 }
 MANIFEST = "manifest.json"
 
@@ -80,10 +80,10 @@ class Workspace:
         manifest = self.manifest(stage)
         return manifest is not None and manifest.fingerprint == fingerprint
 
-    def upstream_digests(self, stage: str, upstream: Iterable[str] | None = None) -> dict[str, str]:
-        """Digests of the stages `stage` reads from; missing upstream output is an error naming the command to run."""
+    def upstream_digests(self, stage: str, upstream: Iterable[str]) -> dict[str, str]:
+        """Digests of `upstream`, the stages `stage` reads from; missing output is an error naming the command."""
         digests: dict[str, str] = {}
-        for up in UPSTREAM[stage] if upstream is None else upstream:
+        for up in upstream:
             manifest = self.manifest(up)
             if manifest is None:
                 raise DataError(f"stage '{stage}' needs the output of '{up}', which is missing in {self.root}; "
