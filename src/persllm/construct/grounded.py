@@ -10,12 +10,10 @@ style files, with an analysis that checks the premise against that material. Eve
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 from persllm import text as T
@@ -27,6 +25,7 @@ from persllm.construct.plan import Slot
 from persllm.construct.records import Answer, Draft, GeneralItem, Question
 from persllm.construct.retrieval import Context, Retriever
 from persllm.construct.validate import Reject
+from persllm.data import anachronisms
 from persllm.prompts import Prompts, fill
 from persllm.types import Passage, stable_id
 
@@ -148,7 +147,7 @@ class GroundedMethod:
         year = F.label_year(self.project.stage(slot.stage).label)
         if year is None:
             return None
-        later = [a for a in _anachronisms() if a["year"] > year]
+        later = [a for a in anachronisms() if a["year"] > year]
         if not later:
             return None
         thing = rng.choice(later)
@@ -413,13 +412,3 @@ def _shorten(text: str, limit: int = 12) -> str:
     toks = T.tokens(text)
     return text if len(toks) <= limit else " ".join(toks[:limit]) + " ..."
 
-
-_ANACHRONISMS: list[dict[str, Any]] | None = None
-
-
-def _anachronisms() -> list[dict[str, Any]]:
-    global _ANACHRONISMS
-    if _ANACHRONISMS is None:
-        raw = resources.files("persllm.data").joinpath("anachronisms.json").read_text(encoding="utf-8")
-        _ANACHRONISMS = json.loads(raw)
-    return _ANACHRONISMS

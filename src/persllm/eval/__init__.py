@@ -33,7 +33,7 @@ from persllm.pipeline import load_passages, load_samples
 from persllm.progress import NULL, Progress
 from persllm.types import Passage, Sample, to_record
 from persllm.variants import TUNED
-from persllm.workspace import Workspace, write_json, write_jsonl, write_text
+from persllm.workspace import Workspace, file_sha256, write_json, write_jsonl, write_text
 
 __all__ = ["evaluate", "fingerprint_config", "headline", "summary_rows"]
 
@@ -81,14 +81,13 @@ def evaluate(project: Project, ws: Workspace, progress: Progress = NULL, *, open
 
 def fingerprint_config(project: Project) -> dict[str, Any]:
     """Everything the eval result depends on besides upstream outputs (for the pipeline's stage fingerprint)."""
-    import hashlib
     from pathlib import Path
 
     from persllm.config import load_project
     from persllm.pipeline import workspace
 
     probe_file = Path(project.eval.probes) if project.eval.probes else None
-    digest = hashlib.sha256(probe_file.read_bytes()).hexdigest() if probe_file and probe_file.is_file() else ""
+    digest = file_sha256(probe_file) if probe_file and probe_file.is_file() else ""
     peers: dict[str, dict[str, str]] = {}
     for entry in project.peers:  # a peer's newly trained adapter changes the inter scores
         try:

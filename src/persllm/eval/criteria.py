@@ -47,9 +47,10 @@ def distinction(answers: Sequence[Answer], heldout: Sequence[Sample], peer_slugs
 
 def _summarise(pairs: dict[str, dict[str, list[tuple[str, str]]]], measure: Callable[[str, str], float],
                bounds: tuple[float, float]) -> dict[str, Any]:
-    by_stage = {stage: {k: mean_ci([measure(a, b) for a, b in ps], bounds).as_dict() for k, ps in slot.items()}
-                for stage, slot in pairs.items()}
-    overall = {k: mean_ci([measure(a, b) for slot in pairs.values() for a, b in slot[k]], bounds).as_dict()
+    scores = {stage: {k: [measure(a, b) for a, b in ps] for k, ps in slot.items()} for stage, slot in pairs.items()}
+    by_stage = {stage: {k: mean_ci(values, bounds).as_dict() for k, values in slot.items()}
+                for stage, slot in scores.items()}
+    overall = {k: mean_ci([v for slot in scores.values() for v in slot[k]], bounds).as_dict()
                for k in ("intra", "stage", "inter")}
     return {"by_stage": by_stage, "overall": overall}
 

@@ -8,17 +8,16 @@ cannot pass by recalling a training question.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Sequence
-from importlib import resources
 from typing import Any
 
 from persllm import template
 from persllm import text as T
 from persllm.config import Project
 from persllm.construct import facts as F
+from persllm.data import anachronisms
 from persllm.types import Passage, Probe, Sample, stable_id
 
 KIND_ORDER = ("knowledge", "temporal", "induction", "identity", "stance")
@@ -155,7 +154,7 @@ def _temporal(project: Project, samples: Sequence[Sample], lang: str, rng: rando
         year = F.label_year(stage.label)
         if year is None:
             continue
-        later = [a for a in _anachronisms() if a["year"] > year and a.get(lang, a["en"]) not in used]
+        later = [a for a in anachronisms() if a["year"] > year and a.get(lang, a["en"]) not in used]
         for k, thing in enumerate(rng.sample(later, k=min(3, len(later)))):
             name = thing.get(lang, thing["en"])
             question = TEMPLATES[lang]["temporal"][k % len(TEMPLATES[lang]["temporal"])].format(thing=name)
@@ -261,7 +260,3 @@ def _named(term: str, text: str) -> bool:
     return any(match.start() > 0 and not re.search(r"[.!?\"“]\s*$", text[:match.start()])
                for match in re.finditer(r"\b" + re.escape(term) + r"\b", text))
 
-
-def _anachronisms() -> list[dict[str, Any]]:
-    raw = resources.files("persllm.data").joinpath("anachronisms.json").read_text(encoding="utf-8")
-    return list(json.loads(raw))

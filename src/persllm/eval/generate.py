@@ -120,8 +120,9 @@ class RagIndex:
         retriever = self.retrievers.get(stage)
         if retriever is None or not retriever.passages:
             return ""
-        knowledge = _fill(retriever.rank(question, "knowledge"), self.budget * 3 // 4)
-        style = _fill(retriever.rank(question, "style"), self.budget // 4)
+        ranked = retriever.rank(question)  # one BM25 pass serves both kinds
+        knowledge = _fill([p for p in ranked if p.kind == "knowledge"], self.budget * 3 // 4)
+        style = _fill([p for p in ranked if p.kind == "style"], self.budget // 4)
         return "\n\n".join(h.format(knowledge=knowledge, style=style).strip()
                            for h, part in zip(self.headers, (knowledge, style)) if part)
 
