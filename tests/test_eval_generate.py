@@ -71,3 +71,45 @@ def test_rag_block_never_contains_held_out_passages(project_dir: Path) -> None:
     assert "What you know" in messages[0].content and held.text not in messages[0].content
     plain = persona_messages(project, "early", "Tell me about the steam turbine you built.")
     assert messages[0].content.startswith(plain[0].content) and messages[1:] == plain[1:]
+
+
+def test_tuned_peer_adapters_answer_without_retrieval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer's SFT/DPO adapter plays the peer with its training prompt: the rag baseline's material stays out."""
+    from conftest import MINIMAL_YAML, write_project
+
+    import persllm.backends.hf
+    import persllm.variants
+    from persllm.config import ModelSpec, load_project
+    from persllm.eval import runner
+    from persllm.eval.generate import Decoding, ModelUnderTest
+    from persllm.progress import NULL
+    from persllm.types import Sample
+
+    class Retrieval:  # what load_peers attaches to a peer that has ingest output
+        def block(self, stage: str, question: str) -> str:
+            return "RETRIEVED MATERIAL"
+
+    class Loaded:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    project = load_project(write_project(tmp_path / "me"))
+    peer_project = load_project(write_project(tmp_path / "peer", MINIMAL_YAML.replace("Test Person", "Other Person")))
+    seen: dict[str, list] = {"asks": [], "personas": []}
+    monkeypatch.setattr(persllm.variants, "spec_for", lambda p, v: ModelSpec(backend="hf", model="m", adapter="a"))
+    monkeypatch.setattr(persllm.backends.hf, "HFBackend", Loaded)
+    monkeypatch.setattr(runner, "answer_all", lambda model, backend, asks, *a: seen["asks"].extend(asks) or [])
+    monkeypatch.setattr(runner, "administer", lambda persona, *a: seen["personas"].append(persona) or {})
+    question = Sample("q1", "test-person", "early", "1900", "ordinary", "What did you build?", "a", "r", "p1",
+                      split="test")
+    plan = runner.Plan(probes=[], heldout=[question], words=[], ipip_stages=[], interview=[],
+                       decoding=Decoding(8, 0.7, 0))
+    model = ModelUnderTest("sft", "sft", "sft", local=True)
+    peer = runner.Persona(peer_project.slug, peer_project, Retrieval())  # type: ignore[arg-type]
+    run = runner.ModelRun(model)
+    runner._tuned_peers(project, model, plan, [peer], run, [], NULL)
+    assert seen["asks"] and all("RETRIEVED" not in m.content for ask in seen["asks"] for m in ask.messages)
+    assert seen["personas"] and all(p.rag is None for p in seen["personas"])

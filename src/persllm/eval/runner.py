@@ -254,7 +254,7 @@ def _tuned_peers(project: Project, model: ModelUnderTest, plan: Plan, peers: Seq
     from persllm.backends.hf import HFBackend
     from persllm.variants import spec_for
 
-    for peer in peers:
+    for peer in (Persona(p.slug, p.project) for p in peers):  # the adapter's training prompt: no retrieval
         try:
             spec = spec_for(peer.project, model.variant)
         except ConfigError as exc:
