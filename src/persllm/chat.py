@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from persllm import template
 from persllm.backends.base import Backend, GenParams
 from persllm.config import Project
 from persllm.types import Message
-from persllm.workspace import write_text
+from persllm.workspace import write_jsonl, write_text
 
 
 @dataclass
@@ -88,7 +87,7 @@ class Session:
         else:
             records = [{"stage": t.stage, "question": t.question, "analysis": t.analysis, "answer": t.answer,
                         "raw": t.raw, "model": t.model, "at": t.at} for t in self.turns]
-            write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            write_jsonl(path, records)
         return path
 
 

@@ -10,7 +10,6 @@ validation and a round-robin fallback. A stance tracker reports whether each age
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -27,7 +26,7 @@ from persllm.config import Project
 from persllm.errors import BackendError, ConfigError
 from persllm.prompts import Prompts, load_prompts
 from persllm.types import Message
-from persllm.workspace import write_text
+from persllm.workspace import write_jsonl, write_text
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +394,7 @@ def write_transcript(conversation: Conversation, out_dir: Path) -> tuple[Path, P
     rows = [meta, *({"type": "turn"} | asdict(t) for t in conversation.turns),
             {"type": "stance"} | asdict(conversation.stance)]
     jsonl = out_dir / "transcript.jsonl"
-    write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_jsonl(jsonl, rows)
     md = out_dir / "transcript.md"
     write_text(md, markdown(conversation))
     return jsonl, md

@@ -69,12 +69,10 @@ class ModelEntry:
     project: Project
     stage: str
     variant: str
-    alias: bool = False  # True for `slug@stage`, which stands for the best variant
 
 
 # -- model ids --------------------------------------------------------------------------------------------------
-def model_entries(projects: Sequence[Project | Served], variant_names: Sequence[str] | None = None
-                  ) -> dict[str, ModelEntry]:
+def model_entries(projects: Sequence[Project | Served]) -> dict[str, ModelEntry]:
     """Every model id the projects offer; unknown stages and missing adapters raise ConfigError now."""
     chosen: dict[tuple[str, str], list[str]] = {}
     owners: dict[str, Project] = {}
@@ -86,7 +84,7 @@ def model_entries(projects: Sequence[Project | Served], variant_names: Sequence[
             raise ConfigError(f"{other.root} and {project.root} are both persona {project.slug!r}; "
                               "serve one of them, or rename a persona")
         stages = [project.stage(sel.stage).id] if sel.stage else [s.id for s in project.stages]
-        names = [sel.variant] if sel.variant else list(variant_names or variants.available(project))
+        names = [sel.variant] if sel.variant else variants.available(project)
         for name in names:
             check_variant(project, name)
         for stage in stages:
@@ -97,7 +95,7 @@ def model_entries(projects: Sequence[Project | Served], variant_names: Sequence[
         for name in names:
             entries[f"{slug}@{stage}:{name}"] = ModelEntry(f"{slug}@{stage}:{name}", owners[slug], stage, name)
         best = max(names, key=lambda n: _RANK.get(n, 0))
-        entries[f"{slug}@{stage}"] = ModelEntry(f"{slug}@{stage}", owners[slug], stage, best, alias=True)
+        entries[f"{slug}@{stage}"] = ModelEntry(f"{slug}@{stage}", owners[slug], stage, best)  # the best variant
     return entries
 
 
@@ -480,20 +478,18 @@ class ApiError(Exception):
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
 
-def create_app(projects: Sequence[Project | Served], variants: Sequence[str] | None = None,
-               api_keys: Sequence[str] = (), limits: Limits = Limits(), max_loaded: int = 2,
-               opener: Opener | None = None) -> Any:
+def create_app(projects: Sequence[Project | Served], api_keys: Sequence[str] = (), limits: Limits = Limits(),
+               max_loaded: int = 2, opener: Opener | None = None) -> Any:
     """The FastAPI app serving the projects' personas (ids, prompts and limits: see the module docstring).
 
     Args:
-        variants: variant names to offer for projects given without one (default: those available on disk).
         opener: builds a backend for (project, variant); default variants.open_variant (tests pass fakes).
     """
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
-    entries = model_entries(projects, variants)
-    pool = ModelPool(opener or _open_variant, max_loaded)
+    entries = model_entries(projects)
+    pool = ModelPool(opener or variants.open_variant, max_loaded)
     gate = Gate(limits.max_concurrency, limits.max_queue)
     keys = tuple(api_keys)
 
@@ -513,9 +509,6 @@ def create_app(projects: Sequence[Project | Served], variants: Sequence[str] | N
     app.add_middleware(BodyLimit, max_bytes=limits.max_body)
     return app
 
-
-def _open_variant(project: Project, variant: str) -> Backend:
-    return variants.open_variant(project, variant)
 
 
 def _routes(app: Any, entries: dict[str, ModelEntry], keys: tuple[str, ...], limits: Limits, pool: ModelPool,
