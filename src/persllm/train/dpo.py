@@ -19,24 +19,19 @@ from persllm.progress import NULL, Progress
 from persllm.train import _model, dist
 from persllm.train.data import pair_record
 from persllm.train.sft import (
-    OTHER_RANK_SMOKE,
-    SHARDED_SMOKE,
+    SMOKE_PROMPTS,
     common_args,
+    finish_run,
     finish_setup,
-    gathered_state_dict,
     lean_save,
-    metric_rows,
     prepare_checkpoints,
     progress_callback,
     run_fingerprint,
     run_stats,
-    save_final,
     stack_meta,
     trainable_parameters,
-    write_metrics,
 )
 from persllm.types import PreferencePair
-from persllm.workspace import write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +39,6 @@ SANITY_BATCHES = 4
 SANITY_MIN_LOSS = 0.01
 SANITY_REPORT = 4
 DPO_WARMUP = 0.1  # share of steps; DPOConfig has no warmup setting
-SMOKE_PROMPTS = 3
 
 
 def train_dpo(project: Project, pairs: Sequence[PreferencePair], sft_dir: Path, out_dir: Path,
@@ -98,18 +92,10 @@ def train_dpo(project: Project, pairs: Sequence[PreferencePair], sft_dir: Path, 
         finally:
             tracker.close()
         target = out_dir / ("model" if full else "adapter")
-        state_dict = gathered_state_dict(trainer)
-        if dist.is_main_process():  # under `accelerate launch` rank 0 writes the results
-            stack = None if full else stack_meta(target, start.stack, start.base_path)
-            save_final(trainer.model, tokenizer, target, stack, state_dict)
-            metrics = write_metrics(out_dir, trainer.state.log_history)
-            prompts = list({p.prompt: list(p.prompt) for p in pairs}.values())[:SMOKE_PROMPTS]
-            smoke = SHARDED_SMOKE if state_dict is not None else _model.smoke_test(
-                trainer.model, tokenizer, prompts, project.sft.keep_cot)
-            write_json(out_dir / "smoke.json", smoke)
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-        else:
-            metrics, smoke = metric_rows(trainer.state.log_history), OTHER_RANK_SMOKE
+        stack = None if full else stack_meta(target, start.stack, start.base_path)
+        prompts = list({p.prompt: list(p.prompt) for p in pairs}.values())[:SMOKE_PROMPTS]
+        metrics, smoke = finish_run(trainer, tokenizer, out_dir, ckpt_dir, target, stack, prompts,
+                                    project.sft.keep_cot)
     last = metrics[-1] if metrics else {}
     return run_stats(trainer, result, metrics, smoke, started, checkpoint, fast) | {
         "method": method, "pairs": len(records), "dropped_too_long": too_long, "sanity": sanity,

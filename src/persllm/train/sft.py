@@ -53,17 +53,9 @@ def train_sft(project: Project, samples: Sequence[Sample], general: Sequence[Seq
             run.tracker.close()
         target = run.out_dir / ("model" if sft.method == "full" else "adapter")
         prompts = [sample_prompt(project, s) for s in smoke_samples(samples, project.seed)]
-        state_dict = gathered_state_dict(trainer)
-        if dist.is_main_process():  # under `accelerate launch` rank 0 writes the results
-            stack = None if sft.method == "full" else stack_meta(target, run.loaded.below, run.loaded.base_path)
-            save_final(trainer.model, run.tokenizer, target, stack, state_dict)
-            metrics = write_metrics(run.out_dir, trainer.state.log_history)
-            smoke = SHARDED_SMOKE if state_dict is not None else _model.smoke_test(
-                trainer.model, run.tokenizer, prompts, sft.keep_cot)
-            write_json(run.out_dir / "smoke.json", smoke)
-            shutil.rmtree(run.ckpt_dir, ignore_errors=True)  # finished: the adapter is the result
-        else:
-            metrics, smoke = metric_rows(trainer.state.log_history), OTHER_RANK_SMOKE
+        stack = None if sft.method == "full" else stack_meta(target, run.loaded.below, run.loaded.base_path)
+        metrics, smoke = finish_run(trainer, run.tokenizer, run.out_dir, run.ckpt_dir, target, stack, prompts,
+                                    sft.keep_cot)
     return run_stats(trainer, result, metrics, smoke, started, run.checkpoint, run.fast) | {
         "method": sft.method, "samples": run.counts, "output": str(target),
         "trainable_parameters": trainable_parameters(trainer.model)}
@@ -299,6 +291,24 @@ def finish_setup(trainer: Any) -> None:
 def stack_meta(target: Path, below: Sequence[Path], base: str) -> dict[str, Any]:
     """persllm_adapter.json content: adapters (relative to `target`) merged before this one, and the base model."""
     return {"stack": [os.path.relpath(Path(p).resolve(), Path(target).resolve()) for p in below], "base": base}
+
+
+def finish_run(trainer: Any, tokenizer: Any, out_dir: Path, ckpt_dir: Path, target: Path,
+               stack: dict[str, Any] | None, prompts: Sequence[Sequence[Message]],
+               keep_cot: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """After training: save the result, metrics, curves and smoke test, drop the checkpoints; (metrics, smoke).
+
+    Call on every rank: a sharded model is gathered from all of them, then rank 0 alone writes.
+    """
+    state_dict = gathered_state_dict(trainer)
+    if not dist.is_main_process():
+        return metric_rows(trainer.state.log_history), OTHER_RANK_SMOKE
+    save_final(trainer.model, tokenizer, target, stack, state_dict)
+    metrics = write_metrics(out_dir, trainer.state.log_history)
+    smoke = SHARDED_SMOKE if state_dict is not None else _model.smoke_test(trainer.model, tokenizer, prompts, keep_cot)
+    write_json(out_dir / "smoke.json", smoke)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the saved model is the result
+    return metrics, smoke
 
 
 def sharded(trainer: Any) -> bool:
