@@ -40,11 +40,12 @@ def spec_for(project: Project, variant: str) -> ModelSpec:
                       "hf:PATH or llamacpp:FILE.gguf")
 
 
-def open_variant(project: Project, variant: str) -> Backend:
-    """A backend for a variant (tuned variants load the base model plus their adapter stack)."""
+def open_variant(project: Project, variant: str, *, batch_size: int = 8) -> Backend:
+    """A backend for a variant (tuned variants load the base model plus their adapter stack); HTTP endpoints are
+    contacted once, so an unreachable server fails now."""
     spec = spec_for(project, variant)
-    if variant in ("base", *TUNED):
+    if variant in ("base", *TUNED) or spec.backend == "hf":
         from persllm.backends.hf import HFBackend
 
-        return HFBackend(spec.model, adapter=spec.adapter or None, name=variant)
-    return open_backend(spec, seed=project.seed)
+        return HFBackend(spec.model, adapter=spec.adapter or None, batch_size=batch_size, name=variant)
+    return open_backend(spec, seed=project.seed, check=True)

@@ -18,7 +18,7 @@ from persllm import template
 from persllm.backends import Backend
 from persllm.config import Project, resolved_dict
 from persllm.errors import ConfigError, DataError, PersllmError
-from persllm.eval import generate, ipip, judging
+from persllm.eval import ipip, judging
 from persllm.eval.criteria import Embed
 from persllm.eval.defaults import default_probes
 from persllm.eval.generate import Decoding, RagIndex, resolve_models
@@ -32,7 +32,7 @@ from persllm.eval.summary import headline, stats, summary_rows
 from persllm.pipeline import load_passages, load_samples
 from persllm.progress import NULL, Progress
 from persllm.types import Passage, Sample, to_record
-from persllm.variants import TUNED
+from persllm.variants import TUNED, open_variant
 from persllm.workspace import Workspace, file_sha256, write_json, write_jsonl, write_text
 
 __all__ = ["evaluate", "fingerprint_config", "headline", "summary_rows"]
@@ -52,7 +52,7 @@ def evaluate(project: Project, ws: Workspace, progress: Progress = NULL, *, open
     models = resolve_models(project, cfg.models)  # a missing adapter or a bad spec fails here, before any work
     samples, passages = load_samples(ws), load_passages(ws)
     plan = _plan(project, samples, passages, _ipip_stages(project))
-    opener = open_model or (lambda m: generate.open_model(project, m, cfg.batch_size))
+    opener = open_model or (lambda m: open_variant(project, m.variant, batch_size=cfg.batch_size))
     with contextlib.ExitStack() as stack:
         remote = {}
         for m in models:  # endpoints are contacted now, so an unreachable one fails before any model is loaded

@@ -93,17 +93,6 @@ def resolve_models(project: Project, names: Sequence[str]) -> list[ModelUnderTes
     return out
 
 
-def open_model(project: Project, model: ModelUnderTest, batch_size: int) -> Backend:
-    """Load a model under test; endpoints are contacted once so an unreachable server fails now."""
-    from persllm.backends import open_backend
-
-    spec = spec_for(project, model.variant)
-    if model.local:
-        from persllm.backends.hf import HFBackend
-
-        return HFBackend(spec.model, adapter=spec.adapter or None, batch_size=batch_size, name=model.variant)
-    return open_backend(spec, seed=project.seed, check=True)
-
 
 class RagIndex:
     """Retrieval over each stage's passages, minus the held-out ones, for the 'rag' baseline's system prompt."""
