@@ -134,3 +134,20 @@ def test_prompt_files_have_the_same_keys_and_placeholders_in_every_language() ->
         differing = {k for k in en if not ({p.lower() for p in other[k]} <= {p.lower() for p in en[k]}
                                            if k in lists else {p.lower() for p in en[k]} == {p.lower() for p in other[k]})}
         assert not differing, f"{language}: placeholders differ in {sorted(differing)}"
+
+
+def test_atomic_dir_replaces_only_on_success(tmp_path: Path) -> None:
+    import pytest
+
+    from persllm.workspace import atomic_dir
+
+    target = tmp_path / "out" / "adapter"
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("v1")
+        assert not target.exists()  # nothing is visible until the block succeeds
+    assert (target / "weights").read_text() == "v1"
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("half-written")
+        raise RuntimeError("killed while saving")
+    assert (target / "weights").read_text() == "v1"  # the old result survives a failed save
+    assert sorted(p.name for p in target.parent.iterdir()) == ["adapter"]  # and no temp folder is left

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from filelock import FileLock
 
 from persllm import template
 from persllm.errors import DependencyError, PersllmError
+from persllm.workspace import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +108,8 @@ def embedded_hf_dir() -> Path:
     with FileLock(str(target) + ".lock"):
         if not (target / "config.json").exists():
             source = embedded_gguf()
-            tmp = Path(tempfile.mkdtemp(prefix=target.name, dir=target.parent))
-            try:
+            with atomic_dir(target) as tmp:
                 convert_gguf_to_hf(source, tmp)
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(tmp, target)
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp)
     return target
 
 

@@ -218,3 +218,17 @@ def replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
     if old.exists():
         shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """A temp folder beside `target` to fill; it replaces `target` when the block succeeds and is removed otherwise."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -8,8 +8,6 @@ other than transformers' accept it), and its generation config stops at the end-
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ from persllm import template
 from persllm.config import Project
 from persllm.errors import ConfigError
 from persllm.variants import TUNED
-from persllm.workspace import replace_dir, write_json
+from persllm.workspace import atomic_dir, write_json
 
 MERGED_FILE = "persllm_merged.json"
 
@@ -96,16 +94,10 @@ def _stored_dtype(config: Any) -> Any:
 
 def _save(model: Any, tokenizer: Any, meta: dict[str, Any], out_dir: Path) -> Path:
     """save_pretrained into a temp folder beside out_dir, then move it into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / MERGED_FILE, meta)
-        replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from persllm.progress import NULL, Progress
 from persllm.train import _model, dist
 from persllm.train.data import build_sft_records, sample_prompt
 from persllm.types import Message, Sample
-from persllm.workspace import atomic_path, replace_dir, write_json, write_jsonl
+from persllm.workspace import atomic_dir, atomic_path, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -343,10 +342,7 @@ def save_final(model: Any, tokenizer: Any, target: Path, stack: dict[str, Any] |
     """Write the adapter (or full model) with its tokenizer into a temp dir, then move it into place."""
     from persllm.backends.hf import ADAPTER_STACK_FILE
 
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         if hasattr(model, "peft_config"):
             model.save_pretrained(tmp, state_dict=state_dict, save_embedding_layers=False)
         else:
@@ -354,10 +350,6 @@ def save_final(model: Any, tokenizer: Any, target: Path, stack: dict[str, Any] |
         tokenizer.save_pretrained(tmp)
         if stack is not None:
             write_json(tmp / ADAPTER_STACK_FILE, stack)
-        replace_dir(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_metrics(out_dir: Path, log_history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
