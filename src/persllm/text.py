@@ -48,10 +48,21 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip()
 
 
+_ABBREVIATION = re.compile(r"(?:^|\s)(?:[A-Z]|Mr|Mrs|Ms|Dr|St|Prof|Mme|Mlle|Messrs)\.$")
+
+
 def sentences(text: str) -> list[str]:
-    """Split a paragraph into sentences (English and Chinese punctuation)."""
-    parts = [p.strip() for p in _SENTENCE_END.split(text)]
-    return [p for p in parts if p]
+    """Split a paragraph into sentences (English and Chinese punctuation); "M. Debierne" is not a sentence end,
+    nor is a full stop inside a quotation (“……。”)."""
+    out: list[str] = []
+    for part in (p.strip() for p in _SENTENCE_END.split(text)):
+        if not part:
+            continue
+        if out and (_ABBREVIATION.search(out[-1]) or out[-1].count("“") > out[-1].count("”")):  # inside a quote
+            out[-1] = f"{out[-1]}{'' if is_cjk(part) else ' '}{part}"
+        else:
+            out.append(part)
+    return out
 
 
 def content_words(text: str) -> list[str]:

@@ -20,8 +20,9 @@ from persllm.construct import facts as F
 from persllm.construct.dedup import near_duplicates
 from persllm.construct.full import FullMethod
 from persllm.construct.grounded import GroundedMethod
-from persllm.construct.jobs import Runner
+from persllm.construct.jobs import Failed, Runner
 from persllm.construct.plan import Slot, make_plan
+from persllm.construct.quality import audit
 from persllm.construct.records import Answer, Draft, GeneralItem, Question
 from persllm.construct.retrieval import Context, Retriever
 from persllm.errors import DataError
@@ -62,20 +63,22 @@ def construct(project: Project, passages: Sequence[Passage], teacher: Backend,
                   for s in project.stages}
     ref = F.persona_ref(project.name, project.language, [p.text for p in passages if p.kind == "knowledge"],
                         project.aliases)
+    # Held-out seeds (knowledge and style) are never retrievable for training items, so every default probe built
+    # from them asks about material no training sample has seen.
+    slots = make_plan(project, passages)
+    held_out = frozenset(s.seed.id for s in slots if s.split == "test")
     method = (FullMethod(project, prompts, runner) if mode == "full"
-              else GroundedMethod(project, prompts, runner, ref, retrievers))
+              else GroundedMethod(project, prompts, runner, ref, retrievers, held_out))
     progress.note(f"construct mode: {mode} (teacher {teacher.name})")
 
     # 1. Questions of three kinds for every seed slot; near-duplicates dropped across stages.
-    slots = make_plan(project, passages)
     questions = method.questions(slots)
     asked = [(s, q) for s in slots if isinstance(q := questions[s.id], Question)]
     keep, dropped = near_duplicates([q.text for _, q in asked], cfg.dedup_threshold)
     asked = [asked[i] for i in keep]
 
-    # 2. Golden answers, each from its own stage's retrieved material (temporal conditioning). Training items never
-    #    see the persona's held-out words (test style seeds), so held-out perplexity measures style, not recall.
-    held_out = frozenset(s.seed.id for s in slots if s.split == "test" and s.seed.kind == "style")
+    # 2. Golden answers, each from its own stage's retrieved material (temporal conditioning); training items never
+    #    see a held-out seed, so held-out probes and perplexity measure generalisation, not recall.
     drafts = [Draft(s, q, retrievers[s.stage].context(s.seed, q.text, cfg.knowledge_budget, cfg.style_budget,
                                                       held_out if s.split == "train" else frozenset()))
               for s, q in asked]
@@ -97,7 +100,8 @@ def construct(project: Project, passages: Sequence[Passage], teacher: Backend,
                           meta={"origin": a.origin, **({"stage": other[sid][0]} if neg_type == "other_stage" else {})})
                  for (sid, neg_type), a in sorted(rejected.items()) if isinstance(a, Answer)]
 
-    stats = _stats(project, mode, slots, questions, dropped, answers, samples, negatives, runner, teacher)
+    stats = _stats(project, mode, slots, questions, dropped, answers, general, samples, negatives, runner, teacher)
+    stats["audit"] = audit(samples, passages, held_out, project.language, ref.aliases)
     _require_samples(project, samples, stats)
     stats["seconds"] = round(time.monotonic() - started, 1)
     return ConstructResult(samples, negatives, stats)
@@ -180,7 +184,7 @@ def _other_stage_contexts(project: Project, drafts: Sequence[Draft], retrievers:
 
 
 def _stats(project: Project, mode: str, slots: Sequence[Slot], questions: dict[str, Any], dropped: dict[int, int],
-           answers: dict[str, Any], samples: Sequence[Sample], negatives: Sequence[Negative], runner: Runner,
+           answers: dict[str, Any], general: dict[str, Any], samples: Sequence[Sample], negatives: Sequence[Negative], runner: Runner,
            teacher: Backend) -> dict[str, Any]:
     personified = [s for s in samples if s.kind != "general"]
     origins: Counter[str] = Counter()
@@ -194,6 +198,9 @@ def _stats(project: Project, mode: str, slots: Sequence[Slot], questions: dict[s
         "questions_failed": sum(1 for q in questions.values() if not isinstance(q, Question)),
         "near_duplicates_removed": len(dropped),
         "answers_failed": sum(1 for a in answers.values() if not isinstance(a, Answer)),
+        # Slots (and general items) that got no sample, by the reason the last attempt gave.
+        "dropped": dict(Counter(r.reason for r in [*questions.values(), *answers.values(), *general.values()]
+                                if isinstance(r, Failed)) + Counter({"near_duplicate": len(dropped)})),
         "samples": len(samples),
         "by_kind": dict(Counter(s.kind for s in samples)),
         "by_stage": dict(Counter(s.stage for s in samples)),

@@ -29,9 +29,10 @@ _NOT_ENTITY = {"I", "In", "On", "At", "The", "A", "An", "After", "Before", "When
                "Do", "Does", "Did", "Is", "Was", "Are", "Were", "Can", "Could", "Will", "Would", "Should", "Must"}
 _ENTITY = re.compile(r"\b[A-Z][\w'’\-]*(?:(?:\s+(?:of|de|la|le|du|von|van|the|di|da))*\s+[A-Z][\w'’\-]*)*",
                      re.UNICODE)
-_YEAR = re.compile(r"(?<!\d)(1[0-9]{3}|20[0-9]{2})(?!\d)")
+_YEAR = re.compile(r"(?<!\d)(1[0-9]{3}|20[0-9]{2})(?![\d’'s])")  # "1800s" is a period, not a year
 _NUMBER = re.compile(r"(?<![\d.])(\d{1,3}(?:,\d{3})*|\d+)(?![\d.])")
 _WORD = re.compile(r"[A-Za-z][A-Za-z'’\-]*")
+_NATIONALITY = re.compile(r"^[A-Z][a-z\-]*(?:ish|ian|ese|ch|an)$")
 _SUBJECT_CUES = {"was", "is", "had", "has", "did", "could", "would", "will", "should", "might", "must", "also",
                  "never", "then", "soon", "later", "often", "always", "once", "still", "only", "herself",
                  "himself", "and", "first"}
@@ -115,7 +116,12 @@ def _replace_names(sentence: str, ref: PersonaRef, target: dict[str, str]) -> st
         prev = before.split()[-1] if before.split() else ""
         if prev.lower() in ("born", "named", "called", "christened", "baptised", "baptized"):
             return match.group(0)  # a name being given, not a reference to the person
+        if prev.lower() in ("the", "a", "an") or prev == "of" and re.search(r"[A-Z][a-z]+ of$", before):
+            return match.group(0)  # "the Countess of Lovelace", "Earl of Lovelace": a title, not the person
         # "Pierre Curie" is someone else: a capitalised word right before a bare surname means another person.
+        # A number is not a name: "In 1897 Marie chose" has the persona as its subject.
+        if re.fullmatch(r"\d[\d,]*", prev):
+            return target["subject"]
         if prev[:1].isupper() and not prev.endswith((".", ",", ";", ":")) and len(before) > 0 \
                 and prev not in _NOT_ENTITY and " " not in match.group(1):
             return match.group(0)
@@ -170,10 +176,11 @@ def _convert_zh(sentence: str, ref: PersonaRef, person: Person) -> str:
     me = "我" if person == "first" else "你"
     out = sentence
     for name in ref.aliases:
-        out = out.replace(name, me)
+        # A name in quotation marks, or one being given, is the name itself ("使用了“鲁迅”这个笔名").
+        out = re.sub(r"(?<!“)(?<!名为)(?<!叫做)(?<!名叫)" + re.escape(name) + r"(?!”)", me, out)
     pronoun = {"she": "她", "he": "他"}.get(ref.pronoun)
     if pronoun:
-        out = re.sub(pronoun + "(?!们)", me, out)
+        out = re.sub(pronoun + "(?![们人])", me, out)
     return out
 
 
@@ -181,9 +188,13 @@ def mentions_persona(sentence: str, ref: PersonaRef) -> bool:
     """True if the sentence still refers to the persona in the third person (by name or pronoun)."""
     if ref.language == "zh":
         pronoun = {"she": "她", "he": "他"}.get(ref.pronoun, "")
-        return any(a in sentence for a in ref.aliases) or bool(pronoun and re.search(pronoun + "(?!们)", sentence))
-    names = any(re.search(r"(?<![\w])" + re.escape(a) + r"(?![\w])", sentence) for a in ref.aliases if " " in a
-                or a == ref.first_name)
+        names = any(re.search(r"(?<!“)" + re.escape(a) + r"(?!”)", sentence) for a in ref.aliases)
+        return names or bool(pronoun and re.search(pronoun + "(?![们人])", sentence))
+    surname = ref.name.split()[-1] if len(ref.name.split()) > 1 else ""
+    # A bare surname right after another capitalised name is someone else ("Pierre Curie"); after "the" it is a
+    # title ("the Countess of Lovelace"); every other alias, given names included, is the persona.
+    names = any(re.search((r"(?<![A-Z][\w'’\-] )(?<!the )" if a == surname else "") + r"(?<![\w])" + re.escape(a)
+                          + r"(?![\w])", sentence) for a in ref.aliases)
     pronouns = _PRONOUNS.get(ref.pronoun, {})
     return names or bool(pronouns and re.search(r"\b(" + "|".join(set(pronouns.values())) + r")\b", sentence,
                                                  re.IGNORECASE))
@@ -217,6 +228,9 @@ def entities(text: str, ref: PersonaRef) -> list[str]:
             continue
         if any(phrase == a or phrase in a.split() for a in ref.aliases):
             continue
+        if " " not in phrase and re.search(r"(?:ish|ian|ese|ch)$", phrase) and \
+                re.match(r"\s+[a-z]", text[match.end():]):
+            continue  # a nationality used as an adjective ("his Polish sympathies"), not a named thing
         out.append(phrase)
     return _unique(out)
 
@@ -259,6 +273,18 @@ class FalsePremise:
 
 def perturb(sentence: str, ref: PersonaRef, other_entities: Sequence[str], rng: random.Random) -> FalsePremise | None:
     """Change one fact (a year, another named entity, or a number) so the sentence becomes clearly false."""
+    premise = _perturb(sentence, ref, other_entities, rng)
+    if premise is None:
+        return None
+    # The premise must really be false: the new value is in the changed sentence, the old sentence lacks it.
+    if (premise.false_sentence == sentence or premise.false_value == premise.truth
+            or premise.false_value not in premise.false_sentence or premise.false_value in sentence):
+        return None
+    return premise
+
+
+def _perturb(sentence: str, ref: PersonaRef, other_entities: Sequence[str],
+             rng: random.Random) -> FalsePremise | None:
     found_years = years(sentence)
     if found_years:
         truth = rng.choice(found_years)
@@ -269,7 +295,11 @@ def perturb(sentence: str, ref: PersonaRef, other_entities: Sequence[str], rng: 
     candidates = [e for e in other_entities if e not in mine and e not in sentence]
     if mine and candidates:
         truth = rng.choice(mine)
-        same_shape = [c for c in candidates if len(c.split()) == len(truth.split())] or candidates
+        # A name stands in for a name and a nationality for a nationality ("Polish", "German"), never across.
+        same_shape = [c for c in candidates if len(c.split()) == len(truth.split())
+                      and bool(_NATIONALITY.search(c)) == bool(_NATIONALITY.search(truth))]
+        if not same_shape:
+            return None
         wrong = rng.choice(same_shape)
         return FalsePremise(_replace_once(sentence, truth, wrong), sentence, truth, wrong)
     numbers = [n for n in _NUMBER.findall(sentence) if n not in found_years]
@@ -282,7 +312,18 @@ def perturb(sentence: str, ref: PersonaRef, other_entities: Sequence[str], rng: 
 
 
 def _replace_once(sentence: str, old: str, new: str) -> str:
-    return re.sub(r"(?<![\w])" + re.escape(old) + r"(?![\w])", new, sentence, count=1)
+    """Replace the first whole occurrence of `old`: digits must not touch digits, Latin words not letters.
+
+    A CJK character is a word character to the regex engine, so a plain \\w boundary never matches between
+    Chinese characters ("1833年"); the boundary is drawn against characters of the value's own class instead.
+    """
+    if old[:1].isdigit():
+        edge = r"0-9"
+    elif re.match(r"[A-Za-z]", old):
+        edge = r"A-Za-z0-9"
+    else:
+        return sentence.replace(old, new, 1)
+    return re.sub(rf"(?<![{edge}])" + re.escape(old) + rf"(?![{edge}])", new, sentence, count=1)
 
 
 def label_year(label: str) -> int | None:
@@ -299,4 +340,15 @@ def lower_first(text: str) -> str:
     if first and first.group(0) not in {"You", "Your", "In", "On", "At", "The", "After", "Before", "When", "By",
                                          "During", "My", "A", "An", "As", "From", "With", "For", "Although"}:
         return text  # likely a proper noun ("Babbage met ...")
+    return text[:1].lower() + text[1:]
+
+
+def lower_start(text: str, material: str = "") -> str:
+    """The text with its first letter lowercased to follow a lead-in, unless its first word is 'I' or a name
+    (a word the material also writes capitalised inside a sentence)."""
+    first = text.split()[0] if text.split() else ""
+    if not first or first in ("I", "I'm", "I've", "I'd", "I'll") or first.isupper() or not first[:1].isupper():
+        return text
+    if first.lower() not in T.STOPWORDS_EN and re.search(r"[a-z,;] " + re.escape(first) + r"\b", material):
+        return text
     return text[:1].lower() + text[1:]

@@ -1,18 +1,26 @@
 """Grounded construction for a weak offline teacher (the default with the embedded 270M base model).
 
-A 270M base model invents facts and cannot follow instructions, so here it only does what it can do reliably
-when strictly checked: continue a few-shot pattern to (a) rewrite one biography sentence in the first person and
-(b) propose a short question about a passage. Each output must pass validation (facts, names and numbers kept,
-first person, no third-person leftovers); otherwise a deterministic rule does the job. Answers are assembled from
-the persona's own material: a first-person fact from the knowledge files and the persona's own words from the
-style files, with an analysis that checks the premise against that material. Every part records its origin.
+A 270M base model invents facts and cannot follow instructions, so here it only proposes short questions about a
+passage and rescues first-person rewrites that the rules could not do, and each of its outputs must pass strict
+checks. Everything else comes from the persona's own material:
+
+- ordinary questions ask about a named person, thing or year of a seed sentence, and the answer is that sentence
+  in the first person plus the persona's own words where they bear on the question;
+- opinion items start from a view the persona states (`views.py`): the user agrees with it, doubts it or
+  contradicts it, and the persona answers from that relation in their own words;
+- induced questions carry a false premise (a changed fact, a later invention, a life never lived, an attack on
+  the persona's identity) that the analysis names and the answer corrects.
+
+Every sample must pass the checks of `quality.py` while it is built (grammatical rewrites, an answer that takes up
+the question, no sentence reused beyond a few responses); where no such sample can be built for a slot, none is,
+and the slot is counted as dropped with its reason. Every part records its origin.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,21 +28,29 @@ from persllm import text as T
 from persllm.backends.base import Completion, GenParams
 from persllm.config import Project
 from persllm.construct import facts as F
+from persllm.construct import quality as Q
 from persllm.construct.jobs import Failed, Job, Runner
 from persllm.construct.plan import Slot
 from persllm.construct.records import Answer, Draft, GeneralItem, Question
 from persllm.construct.retrieval import Context, Retriever
 from persllm.construct.validate import Reject
-from persllm.data import anachronisms
+from persllm.construct.views import View, find_views, second_person, strip_conjunction
+from persllm.data import anachronisms, later_terms
 from persllm.prompts import Prompts, fill
 from persllm.types import Passage, stable_id
 
-_ASK_MODEL_KINDS = ("ordinary",)
+_TITLES = ("Mr", "Mrs", "Miss", "Ms", "Lady", "Lord", "Sir", "Dr", "Doctor", "Professor", "King", "Queen",
+           "Prince", "Princess", "Madame", "Monsieur", "Mademoiselle", "Count", "Countess", "Duke", "Father")
+_RELATIONS = re.compile(r"\b(?:friend|teacher|tutor|husband|wife|mother|father|daughter|son|sister|brother|aunt|"
+                        r"uncle|cousin|colleague|professor|mentor|grandmother|grandfather|governess)\s+$")
+_IDENTITY_CUES = re.compile(r"\b(?:born|daughter|son|married|wife|husband|mother|father|studied|became|lived|"
+                            r"grew up|only child)\b|出生|生于|女儿|儿子|结婚|妻子|丈夫|母亲|父亲|求学|学习|成为|居住")
+_MAX_FACT_TOKENS = 55
 
 
 @dataclass(frozen=True)
 class Fact:
-    """A knowledge sentence in the third person and how it reads in the first person."""
+    """A knowledge sentence in the third person and how the persona says it in the first person."""
 
     third: str
     first: str
@@ -47,38 +63,42 @@ class GroundedMethod:
     name = "grounded"
 
     def __init__(self, project: Project, prompts: Prompts, runner: Runner, ref: F.PersonaRef,
-                 retrievers: dict[str, Retriever]) -> None:
+                 retrievers: dict[str, Retriever], held_out: frozenset[str] = frozenset()) -> None:
         self.project = project
         self.prompts = prompts
         self.runner = runner
         self.ref = ref
         self.retrievers = retrievers
+        self.held_out = held_out
         self.lang = project.language
         self.joiner = "" if self.lang == "zh" else " "
         self.entity_pool = {s: _entity_pool(r.passages, ref) for s, r in retrievers.items()}
-        self.material_words = {w for r in retrievers.values() for p in r.passages for w in T.content_words(p.text)}
-        self.rewrites: dict[str, Fact] = {}
+        self.material = " ".join(p.text for r in retrievers.values() for p in r.passages)
+        self.views = {s: find_views(r.passages, ref) for s, r in retrievers.items()}
+        self.view_uses: dict[str, int] = {}
+        self.rewrites: dict[str, Fact | None] = {}
+        self.budget = Q.SentenceBudget()  # shared by every personified and general response
 
     # -- questions ------------------------------------------------------------------------------------------
     def questions(self, slots: Sequence[Slot]) -> dict[str, Question | Failed]:
-        """Model-proposed questions where they pass strict checks, template questions otherwise."""
+        """Model-proposed ordinary questions where they pass strict checks, questions built by rules otherwise."""
         jobs, by_key = [], {}
         for slot in slots:
-            if slot.kind not in _ASK_MODEL_KINDS:
+            if slot.kind != "ordinary":
                 continue
             prompt = self.prompts.fill("grounded.question_fewshot", name=self.project.name, passage=slot.seed.text)
             key = f"gq:{slot.id}:{stable_id(prompt, length=12)}"
             by_key[key] = slot
             jobs.append(Job(key, prompt, self._question_check(slot), self._short_params(slot.id)))
         proposed = self.runner.run("questions (small model)", jobs) if jobs else {}
-        out: dict[str, Question | Failed] = {}
         model = {by_key[k].id: v for k, v in proposed.items()}
+        out: dict[str, Question | Failed] = {}
         for slot in slots:
             result = model.get(slot.id)
-            out[slot.id] = result if isinstance(result, Question) else self._template_question(slot)
+            out[slot.id] = result if isinstance(result, Question) else self._rule_question(slot)
         return out
 
-    def _question_check(self, slot: Slot) -> Any:
+    def _question_check(self, slot: Slot) -> Callable[[Completion], Question]:
         seed_words = set(T.content_words(slot.seed.text))
         seed_caps = set(_capitalised(slot.seed.text))
         seed_numbers = set(re.findall(r"\d+", slot.seed.text))
@@ -96,47 +116,135 @@ class GroundedMethod:
                 raise Reject("not_addressed_to_persona")
             if F.mentions_persona(text, self.ref):
                 raise Reject("third_person_persona")
-            words = set(T.content_words(text))
-            if not words & seed_words:
+            if not set(T.content_words(text)) & seed_words:
                 raise Reject("off_topic")
             if set(_capitalised(text)) - seed_caps - {text.split()[0] if text.split() else ""}:
                 raise Reject("invented_name")
             if set(re.findall(r"\d+", text)) - seed_numbers:
                 raise Reject("invented_number")
+            if Q.person_errors(text, self.lang):
+                raise Reject("ungrammatical")
             return Question(text, origin="teacher")
 
         return check
 
-    def _template_question(self, slot: Slot) -> Question:
+    def _rule_question(self, slot: Slot) -> Question | Failed:
         rng = random.Random(stable_id(self.project.seed, slot.id))
         if slot.kind == "opinion":
-            text = self._fill_choice(f"grounded.opinion.{slot.variant}", rng, topic=self._topic(slot.seed, rng))
-            return Question(text, "template", {"stance": slot.variant})
+            return self._opinion_question(slot, rng)
         if slot.kind == "induced":
             return self._induced_question(slot, rng)
-        seed_years = F.years(slot.seed.text)
-        if seed_years and rng.random() < 0.3:
-            return Question(self._fill_choice("grounded.ordinary_year", rng, year=rng.choice(seed_years)), "template")
-        return Question(self._fill_choice("grounded.ordinary", rng, topic=self._topic(slot.seed, rng)), "template")
+        return self._ordinary_question(slot, rng)
 
-    def _induced_question(self, slot: Slot, rng: random.Random) -> Question:
+    def _ordinary_question(self, slot: Slot, rng: random.Random) -> Question | Failed:
+        """A question about a person, thing or year named in one seed sentence, which that sentence answers."""
+        options = []
+        for sentence in T.sentences(slot.seed.text):
+            if not _self_contained(sentence, slot.seed):
+                continue
+            names = [e for e in F.entities(sentence, self.ref) if self._is_topic(e, sentence)]
+            options += [("thing", e, sentence) for e in names[:2]]
+            if F.mentions_persona(sentence, self.ref) or slot.seed.kind == "style":  # "what happened to you"
+                options += [("year", y, sentence) for y in F.years(sentence)[:1]]
+        if not options:
+            return Failed("no_topic")
+        kind, topic, sentence = rng.choice(options)
+        if kind == "thing" and self.lang == "en" and (topic.split()[0] in _TITLES or _RELATIONS.search(
+                sentence[: sentence.find(topic)])):
+            kind = "person"
+        shown = f"the {topic}" if self.lang == "en" and re.search(r"\bthe " + re.escape(topic), self.material) else topic
+        key = "year" if kind == "year" else kind
+        text = self._fill_choice(f"grounded.ordinary.{key}", rng, topic=shown, year=topic)
+        return Question(text, "template", {"topic": topic, "source": sentence})
+
+    def _is_topic(self, entity: str, sentence: str) -> bool:
+        """A named person or thing worth asking about: not the persona's own name or title, not a form of address
+        ("My dear Mamma"), not a name used as an adjective ("the Bernoulli numbers"), not a common word
+        capitalised at the start of a sentence ("Mathematics is ...")."""
+        surname = self.project.name.split()[-1] if self.lang != "zh" else self.project.name
+        if _in(surname, entity) or any(entity == a for a in self.ref.aliases):
+            return False
+        if self.lang == "en" and " " not in entity and re.search(r"(?:ish|ian|ese|ch)$", entity):
+            return False  # a nationality or language used as an adjective ("his Polish sympathies")
+        if self.lang == "en":
+            at = re.search(r"(\w+\s+)?" + re.escape(entity) + r"(\s+[a-z]+)?", sentence)
+            before = (at.group(1) or "").strip().lower() if at else ""
+            after = (at.group(2) or "").strip() if at else ""
+            if before == "dear" or before in ("the", "a", "an", "my", "his", "her", "their", "our", "its") and \
+                    " " not in entity and after and after not in T.STOPWORDS_EN and not after.endswith("ed") \
+                    and len(after) > 3:
+                return False
+            if " " not in entity and sentence.startswith(entity) and not re.search(
+                    r"[a-z,;] " + re.escape(entity) + r"\b", self.material):
+                return False  # only ever capitalised because it starts a sentence ("Coming first in ...")
+        return " " in entity or self.lang == "zh" or re.search(r"(?<![.!?] )\b" + re.escape(entity.lower()) + r"\b",
+                                                               self.material) is None
+
+    def _opinion_question(self, slot: Slot, rng: random.Random) -> Question | Failed:
+        """The user agrees with, doubts or contradicts one of the persona's own views on its real topic."""
+        view = self._pick_view(slot)
+        if view is None:
+            return Failed("no_view")
+        relation = slot.variant
+        if view.proposition:
+            # The user states their own position on P: the same as the persona's, a doubt, or the opposite.
+            side = {"agree": "holds", "differ": "doubts", "conflict": "rejects"}[relation]
+            if view.negated:
+                side = {"holds": "rejects_mild", "doubts": "leans", "rejects": "insists"}[side]
+            text = self._fill_choice(f"grounded.opinion.direct.{side}", rng, p=view.proposition)
+        elif _quotable(view.sentence, self.lang):
+            text = self._fill_choice(f"grounded.opinion.reported.{relation}", rng,
+                                     view=second_person(view.sentence, self.lang, self.material))
+        else:
+            return Failed("view_not_quotable")
+        if Q.person_errors(text, self.lang):
+            return Failed("ungrammatical_statement")
+        self.view_uses[view.sentence] = self.view_uses.get(view.sentence, 0) + 1
+        meta = {"stance": relation, "relation": relation, "view": view.sentence, "view_id": view.passage_id,
+                "view_origin": view.origin}
+        return Question(text, "template", meta)
+
+    def _pick_view(self, slot: Slot) -> View | None:
+        """The least-used view of the stage closest to the seed (the seed's own first), held-out views excluded."""
+        allowed = [v for v in self.views.get(slot.stage, []) if slot.split == "test" and v.passage_id == slot.seed.id
+                   or slot.split == "train" and v.passage_id not in self.held_out]
+        if slot.split == "test":  # a held-out item is built from its own held-out seed only
+            allowed = [v for v in allowed if v.passage_id == slot.seed.id]
+        if not allowed:
+            return None
+        seed_terms = Q.topic_terms(slot.seed.text, self.lang)
+
+        def score(view: View) -> tuple[float, ...]:
+            overlap = len(seed_terms & Q.topic_terms(view.sentence, self.lang))
+            return (self.view_uses.get(view.sentence, 0), -(view.passage_id == slot.seed.id), -overlap,
+                    -bool(view.proposition))
+
+        best = min(allowed, key=score)
+        return best if self.view_uses.get(best.sentence, 0) < Q.REUSE_LIMIT else None
+
+    def _induced_question(self, slot: Slot, rng: random.Random) -> Question | Failed:
         order = [slot.variant] + [v for v in ("wrong_fact", "after_time", "never_lived", "identity")
                                   if v != slot.variant]
+        builders = {"wrong_fact": self._induced_wrong_fact, "after_time": self._induced_after_time,
+                    "never_lived": self._induced_never_lived, "identity": self._induced_identity}
         for variant in order:
-            built = getattr(self, f"_induced_{variant}")(slot, rng)
+            built = builders[variant](slot, rng)
             if built is not None:
                 return built
-        raise AssertionError("identity questions can always be built")
+        return Failed("no_false_premise")
 
     def _induced_wrong_fact(self, slot: Slot, rng: random.Random) -> Question | None:
         if slot.seed.kind != "knowledge":
             return None
         others = self.entity_pool.get(slot.stage, [])
-        for sentence in rng.sample(T.sentences(slot.seed.text), k=len(T.sentences(slot.seed.text))):
+        sentences = T.sentences(slot.seed.text)
+        for sentence in rng.sample(sentences, k=len(sentences)):
             premise = F.perturb(sentence, self.ref, others, rng)
-            if premise is None:
+            if premise is None or T.count_tokens(sentence) > _MAX_FACT_TOKENS:
                 continue
             false_you = F.lower_first(F.convert_person(premise.false_sentence, self.ref, "second")).rstrip(".。")
+            if F.mentions_persona(false_you, self.ref) or Q.person_errors(false_you, self.lang):
+                continue
             text = self._fill_choice("grounded.induced.wrong_fact", rng, false=false_you)
             meta = {"premise": "wrong_fact", "truth": premise.truth, "false_value": premise.false_value,
                     "true_sentence": premise.true_sentence, "false_sentence": premise.false_sentence}
@@ -152,12 +260,13 @@ class GroundedMethod:
             return None
         thing = rng.choice(later)
         name = thing[self.lang if self.lang in thing else "en"]
-        text = self._fill_choice("grounded.induced.after_time", rng, thing=name)
+        text = self._fill_choice(f"grounded.induced.after_time.{thing['kind']}", rng, thing=name)
         return Question(text, "template", {"premise": "after_time", "thing": name, "year": thing["year"]})
 
     def _induced_never_lived(self, slot: Slot, rng: random.Random) -> Question | None:
-        events = [e for e in self.prompts.get("grounded.never_lived")
-                  if not set(T.content_words(e["event"])) & self.material_words]
+        # An event is usable only if nothing in the material mentions its key term (a person may have really
+        # travelled to Sweden); the key is one phrase, so a shared character or common word does not count.
+        events = [e for e in self.prompts.get("grounded.never_lived") if e["key"].lower() not in self.material.lower()]
         if not events:
             return None
         event = rng.choice(events)
@@ -167,98 +276,164 @@ class GroundedMethod:
     def _induced_identity(self, slot: Slot, rng: random.Random) -> Question:
         return Question(self._fill_choice("grounded.induced.identity", rng), "template", {"premise": "identity"})
 
-    def _topic(self, seed: Passage, rng: random.Random) -> str:
-        names = F.entities(seed.text, self.ref)
-        if names:
-            name = rng.choice(names[:4])
-            return f"the {name}" if self.lang == "en" and re.search(r"\bthe " + re.escape(name), seed.text) else name
-        words = F.topic_words(seed.text, self.retrievers[seed.stage].idf, self.lang)
-        return rng.choice(words) if words else ("那段日子" if self.lang == "zh" else "those days")
-
     # -- answers --------------------------------------------------------------------------------------------
     def answers(self, drafts: Sequence[Draft]) -> dict[str, Answer | Failed]:
-        """Golden answers assembled from the stage's own material."""
-        self._prepare_facts([self._fact_sentence(d.slot.stage, d.question, d.context, d.slot.seed) for d in drafts])
-        return {d.slot.id: self._compose(d.slot, d.slot.stage, d.question, d.context) for d in drafts}
+        """Golden answers assembled from each stage's own material; Failed(reason) where none passes the checks."""
+        self._prepare_facts([s for d in drafts for s in self._fact_candidates(d.slot, d.slot.stage, d.question,
+                                                                              d.context)])
+        out: dict[str, Answer | Failed] = {}
+        for draft in drafts:
+            answer = self._compose(draft.slot, draft.slot.stage, draft.question, draft.context, self.budget)
+            out[draft.slot.id] = answer
+            if isinstance(answer, Answer):
+                self.budget.use(answer.response)
+        return out
 
     def negatives(self, drafts: Sequence[Draft], other: dict[str, tuple[str, Context]],
                   types: Sequence[str]) -> dict[tuple[str, str], Answer | Failed]:
         """Other-stage answers (same rules, other stage's material), generic-assistant and premise-accepting ones."""
         if "other_stage" in types:
-            self._prepare_facts([self._fact_sentence(stage, d.question, ctx, None)
-                                 for d in drafts if d.slot.id in other for stage, ctx in [other[d.slot.id]]])
+            self._prepare_facts([s for d in drafts if d.slot.id in other for stage, ctx in [other[d.slot.id]]
+                                 for s in self._fact_candidates(d.slot, stage, d.question, ctx)])
         out: dict[tuple[str, str], Answer | Failed] = {}
         for draft in drafts:
             sid = draft.slot.id
             rng = random.Random(stable_id(self.project.seed, sid, "negative"))
             if "other_stage" in types and sid in other:
                 stage, context = other[sid]
-                out[(sid, "other_stage")] = self._compose(draft.slot, stage, draft.question, context)
+                out[(sid, "other_stage")] = self._compose(draft.slot, stage, draft.question, context, None)
             if "non_personified" in types:
-                fact = self._fact_sentence(draft.slot.stage, draft.question, draft.context, draft.slot.seed)
+                fact = self._best_sentence(draft.slot.stage, draft.question, draft.context) or draft.slot.seed.text
                 text = self._fill_choice("grounded.non_personified", rng, fact=fact)
                 out[(sid, "non_personified")] = Answer("", text, "template")
             if "induced" in types and draft.slot.kind == "induced":
                 out[(sid, "induced")] = Answer("", self._accept_premise(draft.question, rng), "template")
         return out
 
-    def _compose(self, slot: Slot, stage_id: str, question: Question, context: Context) -> Answer:
+    def _compose(self, slot: Slot, stage_id: str, question: Question, context: Context,
+                 budget: Q.SentenceBudget | None) -> Answer | Failed:
+        """One analysis and response for the question from `stage_id`'s material, or the reason there is none."""
         stage = self.project.stage(stage_id)
         rng = random.Random(stable_id(self.project.seed, slot.id, stage_id))
-        premise = question.meta.get("premise", "")
-        third = question.meta.get("true_sentence") if premise == "wrong_fact" else None
-        third = third or self._fact_sentence(stage_id, question, context, slot.seed if slot.stage == stage_id else None)
-        fact = self.rewrites.get(third) or Fact(third, third, "verbatim")
-        style = self._style_sentences(question.text + " " + third, context, slot.seed, limit=2)
         names = {"name": self.project.name, "label": stage.label, "question": question.text}
-        analysis = self._analysis(slot.kind, question, names, third)
-        response = self._response(slot.kind, question, names, fact.first, style, rng)
-        meta = {"fact_origin": fact.origin, "style_sentences": len(style)}
-        return Answer(analysis, response, "grounded", meta)
-
-    def _analysis(self, kind: str, question: Question, names: dict[str, str], third: str) -> str:
-        a = "grounded.analysis."
-        parts = [self.prompts.fill(a + ("say" if kind == "opinion" else "ask"), **names)]
-        premise = question.meta.get("premise")
-        if premise == "wrong_fact":
-            parts.append(self.prompts.fill(a + "wrong_fact", **names, truth=question.meta["truth"],
-                                           false_value=question.meta["false_value"]))
-        elif premise == "after_time":
-            parts.append(self.prompts.fill(a + "after_time", **names, thing=question.meta["thing"]))
-        elif premise == "never_lived":
-            parts.append(self.prompts.fill(a + "never_lived", **names, event=question.meta["event"]))
-        elif premise == "identity":
-            parts.append(self.prompts.fill(a + "identity", **names))
+        premise = question.meta.get("premise", "")
+        own_stage = stage_id == slot.stage
+        build = {"wrong_fact": self._wrong_fact_answer, "after_time": self._after_time_answer,
+                 "never_lived": self._never_lived_answer, "identity": self._identity_answer}.get(premise)
+        if slot.kind == "opinion":
+            built = self._opinion_answer(slot, stage_id, question, names, rng, budget, own_stage)
+        elif build is not None:
+            built = build(slot, stage_id, question, context, names, rng, budget)
         else:
-            parts.append(self.prompts.fill(a + "premise_ok", **names))
-        if premise not in ("after_time", "identity"):  # a random fact would only distract from the refusal
-            parts.append(self.prompts.fill(a + "fact", **names, fact=T.truncate_tokens(third, 30)))
-        conclusion = question.meta.get("stance") or ("correct" if premise else "ordinary")
-        parts.append(self.prompts.fill(a + conclusion, **names))
-        # Kept short on purpose: a small model pays for every analysis token before it reaches the response.
-        return self.joiner.join(p for p in parts if p)
+            built = self._ordinary_answer(slot, stage_id, question, context, names, rng, budget)
+        if isinstance(built, Failed):
+            return built
+        analysis, parts, meta = built
+        response = self.joiner.join(p.strip() for p in parts if p and p.strip())
+        if Q.person_errors(response, self.lang):
+            return Failed("ungrammatical_rewrite")
+        if F.mentions_persona(_without_quotes(_without_self_naming(response, self.ref)), self.ref):
+            return Failed("third_person_left")
+        if slot.kind == "ordinary" and Q.relevance(question.text, response, self.lang,
+                                                   self.ref.aliases) < Q.RELEVANCE_THRESHOLD:
+            return Failed("low_relevance")
+        if budget is not None and not budget.allows(T.sentences(response)):
+            return Failed("reuse_limit")
+        return Answer(self.joiner.join(a for a in analysis if a), response, "grounded", meta)
 
-    def _response(self, kind: str, question: Question, names: dict[str, str], fact: str, style: list[str],
-                  rng: random.Random) -> str:
-        r = "grounded.response."
-        premise = question.meta.get("premise")
-        voice = self.joiner.join(style)
-        if kind == "opinion":  # the stance, the fact the opinion is about, then the persona's own words
-            parts = [self._fill_choice(r + question.meta["stance"], rng, **names), fact, style[0] if style else ""]
-        elif premise == "wrong_fact":
-            parts = [self._fill_choice(r + "wrong_fact", rng, **names), fact]
-        elif premise == "after_time":
-            thing = question.meta["thing"]
-            parts = [self._fill_choice(r + "after_time", rng, **names, thing=thing),
-                     self.prompts.fill(r + "after_time_tail", **names), style[0] if style else ""]
-        elif premise == "never_lived":
-            deny = question.meta["deny"] + ("。" if self.lang == "zh" else ".")
-            parts = [self._fill_choice(r + "never_lived", rng, **names), deny, fact]
-        elif premise == "identity":
-            parts = [self._fill_choice(r + "identity", rng, **names), fact, style[0] if style else ""]
-        else:
-            parts = [fact, voice]
-        return self.joiner.join(p.strip() for p in parts if p and p.strip())
+    # Each builder returns (analysis parts, response parts, meta) or Failed(reason).
+    Built = tuple[list[str], list[str], dict[str, Any]] | Failed
+
+    def _ordinary_answer(self, slot: Slot, stage_id: str, question: Question, context: Context,
+                         names: dict[str, str], rng: random.Random, budget: Q.SentenceBudget | None) -> Built:
+        facts = [f for f in (self.rewrites.get(s) for s in self._fact_candidates(slot, stage_id, question, context))
+                 if f is not None]
+        facts = _fresh(facts, budget)
+        about = question.meta.get("topic") or question.text  # a rule question is about its topic, not its frame
+        own = self._own_words(stage_id, about, context, slot, budget, exclude=[f.first for f in facts[:1]])
+        if not facts and not own:
+            return Failed("no_fact_for_topic")
+        fact = facts[0] if facts else None
+        parts = ([fact.first] if fact else []) + own[:1]
+        analysis = [self.prompts.fill("grounded.analysis.ask", **names),
+                    self.prompts.fill("grounded.analysis.premise_ok", **names)]
+        if fact:
+            analysis.append(self.prompts.fill("grounded.analysis.fact", **names, fact=fact.third))
+        if own:
+            analysis.append(self.prompts.fill("grounded.analysis.own_words", **names))
+        analysis.append(self.prompts.fill("grounded.analysis.ordinary", **names))
+        meta = {"fact_origin": fact.origin if fact else "none", "style_sentences": len(own[:1])}
+        return analysis, parts, meta
+
+    def _opinion_answer(self, slot: Slot, stage_id: str, question: Question, names: dict[str, str],
+                        rng: random.Random, budget: Q.SentenceBudget | None, own_stage: bool) -> Built:
+        view = question.meta["view"]
+        relation = question.meta["relation"]
+        if not own_stage:
+            # Another stage answers from its own views: the one closest to the statement, if it has any.
+            candidates = [v for v in self.views.get(stage_id, []) if v.passage_id not in self.held_out]
+            if not candidates:
+                return Failed("no_view")
+            terms = Q.topic_terms(question.text, self.lang)
+            view = max(candidates, key=lambda v: len(terms & Q.topic_terms(v.sentence, self.lang))).sentence
+        lead = self._fill_choice(f"grounded.response.{relation}", rng, **names)
+        first = _join_lead(lead, strip_conjunction(view) if self.lang == "zh" else view, self.lang, self.material)
+        parts = [first] + self._continuation(stage_id, view, budget)
+        analysis = [self.prompts.fill("grounded.analysis.say", **names),
+                    self.prompts.fill("grounded.analysis.view", **names, view=view),
+                    self.prompts.fill(f"grounded.analysis.{relation}", **names)]
+        return analysis, parts, {"fact_origin": "none", "style_sentences": len(parts)}
+
+    def _wrong_fact_answer(self, slot: Slot, stage_id: str, question: Question, context: Context,
+                           names: dict[str, str], rng: random.Random, budget: Q.SentenceBudget | None) -> Built:
+        meta = question.meta
+        if stage_id == slot.stage:
+            third = meta["true_sentence"]
+        else:  # another stage corrects from what it knows, which may not include this fact
+            third = self._best_sentence(stage_id, question, context)
+        fact = self.rewrites.get(third) if third else None
+        if fact is None:
+            return Failed("no_grammatical_rewrite")
+        lead = self._fill_choice("grounded.response.wrong_fact", rng, **names, false_value=meta["false_value"])
+        analysis = [self.prompts.fill("grounded.analysis.ask", **names),
+                    self.prompts.fill("grounded.analysis.wrong_fact", **names, truth=meta["truth"],
+                                      false_value=meta["false_value"]),
+                    self.prompts.fill("grounded.analysis.fact", **names, fact=fact.third),
+                    self.prompts.fill("grounded.analysis.correct", **names)]
+        return analysis, [_join_lead(lead, fact.first, self.lang, self.material)], {"fact_origin": fact.origin}
+
+    def _after_time_answer(self, slot: Slot, stage_id: str, question: Question, context: Context,
+                           names: dict[str, str], rng: random.Random, budget: Q.SentenceBudget | None) -> Built:
+        thing = question.meta["thing"]
+        parts = [self._fill_choice("grounded.response.after_time", rng, **names, thing=thing)]
+        analysis = [self.prompts.fill("grounded.analysis.ask", **names),
+                    self.prompts.fill("grounded.analysis.after_time", **names, thing=thing),
+                    self.prompts.fill("grounded.analysis.refuse", **names)]
+        return analysis, parts, {"fact_origin": "none"}
+
+    def _never_lived_answer(self, slot: Slot, stage_id: str, question: Question, context: Context,
+                            names: dict[str, str], rng: random.Random, budget: Q.SentenceBudget | None) -> Built:
+        meta = question.meta
+        lead = self._fill_choice("grounded.response.never_lived", rng, **names)
+        parts = [_join_lead(lead, meta["deny"] + ("。" if self.lang == "zh" else "."), self.lang)]
+        analysis = [self.prompts.fill("grounded.analysis.ask", **names),
+                    fill(meta["third"], **names),
+                    self.prompts.fill("grounded.analysis.correct", **names)]
+        return analysis, parts, {"fact_origin": "none"}
+
+    def _identity_answer(self, slot: Slot, stage_id: str, question: Question, context: Context,
+                         names: dict[str, str], rng: random.Random, budget: Q.SentenceBudget | None) -> Built:
+        facts = _fresh([f for f in (self.rewrites.get(s) for s in self._identity_sentences(stage_id, slot))
+                        if f is not None], budget)
+        # The persona as the subject ("I married ..."), not a sentence about someone else that mentions them.
+        facts = [f for f in facts if re.match(r"^(?:[\w,’'\-]+\s+){0,5}(?:I|my)\b|^我|^\d+年[，,]?我", f.first)]
+        lead = self._fill_choice("grounded.response.identity", rng, **names)
+        parts = [_join_lead(lead, facts[0].first, self.lang, self.material)] if facts else [lead]
+        analysis = [self.prompts.fill("grounded.analysis.ask", **names),
+                    self.prompts.fill("grounded.analysis.identity", **names)]
+        if facts:
+            analysis.append(self.prompts.fill("grounded.analysis.fact", **names, fact=facts[0].third))
+        return analysis, parts, {"fact_origin": facts[0].origin if facts else "none"}
 
     def _accept_premise(self, question: Question, rng: random.Random) -> str:
         premise = question.meta.get("premise", "identity")
@@ -271,67 +446,124 @@ class GroundedMethod:
             values["event"] = question.meta["event"]
         return self._fill_choice(f"grounded.accept.{premise}", rng, **values)
 
-    # -- facts and style ------------------------------------------------------------------------------------
-    def _fact_sentence(self, stage_id: str, question: Question, context: Context, seed: Passage | None) -> str:
-        """The knowledge sentence that best answers the question (seed sentences first on ties)."""
+    # -- facts and the persona's own words ------------------------------------------------------------------
+    def _allowed(self, passage: Passage, slot: Slot) -> bool:
+        """Training items never draw on held-out passages; a held-out item may use its whole stage."""
+        return slot.split == "test" or passage.id not in self.held_out
+
+    def _fact_candidates(self, slot: Slot, stage_id: str, question: Question, context: Context) -> list[str]:
+        """Knowledge sentences that could answer the question, best first (the question's own source first)."""
+        premise = question.meta.get("premise")
+        if premise == "wrong_fact" and stage_id == slot.stage:
+            return [question.meta["true_sentence"]]
+        if premise == "identity":
+            return self._identity_sentences(stage_id, slot)
+        if premise or slot.kind == "opinion":
+            return []
+        source = question.meta.get("source")
+        if source and stage_id == slot.stage and slot.seed.kind == "knowledge":
+            return [source] + [s for s in self._ranked_sentences(stage_id, question, context, slot) if s != source][:2]
+        return self._ranked_sentences(stage_id, question, context, slot)[:3]
+
+    def _ranked_sentences(self, stage_id: str, question: Question, context: Context, slot: Slot) -> list[str]:
+        """Knowledge sentences of the context that share topic words with the question, most shared first."""
         retriever = self.retrievers[stage_id]
         passages = [retriever.by_id[i] for i in context.knowledge_ids if i in retriever.by_id]
-        if seed is not None and seed.kind == "knowledge" and seed not in passages:
-            passages.insert(0, seed)
-        if not passages:
-            passages = retriever.rank(question.text, "knowledge")[:3]
-        query = set(T.content_words(question.text))
-        best, best_score = "", -1.0
+        if slot.seed.kind == "knowledge" and stage_id == slot.stage and slot.seed not in passages:
+            passages.insert(0, slot.seed)
+        terms = Q.topic_terms(question.text, self.lang, self.ref.aliases)
+        scored = []
         for rank, passage in enumerate(passages):
+            if not self._allowed(passage, slot):
+                continue
             for position, sentence in enumerate(T.sentences(passage.text)):
-                overlap = len(query & set(T.content_words(sentence)))
-                score = overlap - 0.01 * rank - 0.001 * position + (0.5 if seed is not None and passage == seed else 0)
-                if score > best_score:
+                overlap = len(terms & Q.topic_terms(sentence, self.lang, self.ref.aliases))
+                if overlap and T.count_tokens(sentence) <= _MAX_FACT_TOKENS and _self_contained(sentence, passage):
+                    scored.append((-overlap, rank, position, sentence))
+        return [s for *_, s in sorted(scored)]
+
+    def _best_sentence(self, stage_id: str, question: Question, context: Context) -> str:
+        """The context sentence most related to the question (for negatives and other-stage corrections)."""
+        retriever = self.retrievers[stage_id]
+        terms = Q.topic_terms(question.text, self.lang, self.ref.aliases)
+        best, best_score = "", -1
+        for i in context.knowledge_ids:
+            for sentence in T.sentences(retriever.by_id[i].text) if i in retriever.by_id else []:
+                score = len(terms & Q.topic_terms(sentence, self.lang, self.ref.aliases))
+                if score > best_score and T.count_tokens(sentence) <= _MAX_FACT_TOKENS:
                     best, best_score = sentence, score
         return best
 
-    def _style_sentences(self, query: str, context: Context, seed: Passage, limit: int) -> list[str]:
-        """The persona's own sentences most related to the query, taken from the retrieved style context."""
-        texts = [seed.text] if seed.kind == "style" else []
-        texts += [p for p in context.style.split(" ... ") if p] if context.style else []
-        words = set(T.content_words(query))
+    def _identity_sentences(self, stage_id: str, slot: Slot) -> list[str]:
+        """Knowledge sentences that say who the persona is at this stage (birth, family, work)."""
+        out = []
+        for passage in self.retrievers[stage_id].passages:
+            if passage.kind != "knowledge" or not self._allowed(passage, slot):
+                continue
+            for sentence in T.sentences(passage.text):
+                cues = len(_IDENTITY_CUES.findall(sentence))
+                if cues and F.mentions_persona(sentence, self.ref) and T.count_tokens(sentence) <= 40:
+                    out.append((-cues, len(out), sentence))
+        return [s for *_, s in sorted(out)][:6]
+
+    def _own_words(self, stage_id: str, query: str, context: Context, slot: Slot,
+                   budget: Q.SentenceBudget | None, exclude: Sequence[str] = ()) -> list[str]:
+        """The persona's own sentences that bear on the query (sharing its topic words), most related first."""
+        retriever = self.retrievers[stage_id]
+        texts = [slot.seed] if slot.seed.kind == "style" and stage_id == slot.stage else []
+        texts += [retriever.by_id[i] for i in context.style_ids if i in retriever.by_id and retriever.by_id[i]
+                  not in texts]
+        terms = Q.topic_terms(query, self.lang, self.ref.aliases)
         scored = []
         for order, passage in enumerate(texts):
-            for position, sentence in enumerate(T.sentences(passage)):
-                if T.count_tokens(sentence) > 70 or not F.first_person_markers(sentence, self.lang) and order > 0:
+            if not self._allowed(passage, slot):
+                continue
+            for position, sentence in enumerate(T.sentences(passage.text)):
+                overlap = len(terms & Q.topic_terms(sentence, self.lang, self.ref.aliases))
+                if overlap == 0 or T.count_tokens(sentence) > 60 or sentence in exclude:
                     continue
-                bonus = 1.0 if order == 0 and seed.kind == "style" else 0.0
-                scored.append((len(words & set(T.content_words(sentence))) + bonus, -order, -position, sentence))
-        scored.sort(reverse=True)
-        chosen: list[str] = []
-        for *_, sentence in scored:  # the seed passage is also in the context: never say the same thing twice
-            if sentence not in chosen:
-                chosen.append(sentence)
-            if len(chosen) == limit:
-                break
-        return chosen
+                if not F.first_person_markers(sentence, self.lang) or sentence.rstrip().endswith(("?", "？")):
+                    continue
+                if sentence.count('"') % 2 or sentence.count("“") != sentence.count("”"):
+                    continue  # a quotation cut in two by the sentence split
+                scored.append((-overlap, order, position, sentence))
+        chosen = [s for *_, s in sorted(scored)]
+        return [s for s in chosen if budget is None or budget.allows([s])]
+
+    def _continuation(self, stage_id: str, sentence: str, budget: Q.SentenceBudget | None) -> list[str]:
+        """The sentence after `sentence` in its passage, when it goes on in the persona's voice (the reason)."""
+        for passage in self.retrievers[stage_id].passages:
+            parts = T.sentences(passage.text)
+            if sentence in parts:
+                i = parts.index(sentence)
+                if i + 1 < len(parts) and T.count_tokens(parts[i + 1]) <= 45 and (
+                        budget is None or budget.allows([parts[i + 1]])) and passage.id not in self.held_out:
+                    return [parts[i + 1]]
+        return []
 
     def _prepare_facts(self, sentences: Sequence[str]) -> None:
-        """First-person versions of knowledge sentences: model rewrite if it passes checks, else the rules."""
+        """First-person versions of knowledge sentences: the rules where they are grammatical, else a checked
+        model rewrite, else none (the sentence is not used)."""
         todo = sorted({s for s in sentences if s and s not in self.rewrites})
-        needs = [s for s in todo if F.mentions_persona(s, self.ref)]
-        for s in todo:
-            if s not in needs:
-                self.rewrites[s] = Fact(s, s, "verbatim")
-        jobs = []
-        for sentence in needs:
-            prompt = self.prompts.fill("grounded.rewrite_fewshot", name=self.project.name, sentence=sentence)
-            jobs.append(Job(f"gr:{stable_id(prompt, length=16)}", prompt, self._rewrite_check(sentence),
-                            self._short_params(sentence)))
-        results = self.runner.run("first-person rewrites (small model)", jobs) if jobs else {}
-        for sentence, job in zip(needs, jobs):
-            value = results.get(job.key)
-            if isinstance(value, str):
-                self.rewrites[sentence] = Fact(sentence, value, "teacher_rewrite")
+        rescue = []
+        for sentence in todo:
+            if not F.mentions_persona(sentence, self.ref):
+                self.rewrites[sentence] = Fact(sentence, sentence, "verbatim")
+                continue
+            rule = F.convert_person(sentence, self.ref)
+            if not F.mentions_persona(rule, self.ref) and not Q.person_errors(rule, self.lang):
+                self.rewrites[sentence] = Fact(sentence, rule, "rule_rewrite")
             else:
-                self.rewrites[sentence] = Fact(sentence, F.convert_person(sentence, self.ref), "rule_rewrite")
+                rescue.append(sentence)
+        jobs = [Job(f"gr:{stable_id(p, length=16)}", p, self._rewrite_check(s), self._short_params(s))
+                for s in rescue
+                for p in [self.prompts.fill("grounded.rewrite_fewshot", name=self.project.name, sentence=s)]]
+        results = self.runner.run("first-person rewrites (small model)", jobs) if jobs else {}
+        for sentence, job in zip(rescue, jobs):
+            value = results.get(job.key)
+            self.rewrites[sentence] = Fact(sentence, value, "teacher_rewrite") if isinstance(value, str) else None
 
-    def _rewrite_check(self, source: str) -> Any:
+    def _rewrite_check(self, source: str) -> Callable[[Completion], str]:
         caps = set(_capitalised(source))
         numbers = sorted(re.findall(r"\d+", source))
         n_source = T.count_tokens(source)
@@ -353,6 +585,8 @@ class GroundedMethod:
             if set(T.content_words(source)) - set(T.content_words(text)) - _PRONOUN_WORDS - set(
                     w.lower() for a in self.ref.aliases for w in a.split()):
                 raise Reject("fact_dropped")
+            if Q.person_errors(text, self.lang):
+                raise Reject("ungrammatical")
             return text
 
         return check
@@ -362,27 +596,46 @@ class GroundedMethod:
         """Answer a general request in character when the persona could know it, refuse in character otherwise."""
         out: dict[str, Answer | Failed] = {}
         for item in items:
-            stage = self.project.stage(item.stage)
-            rng = random.Random(stable_id(self.project.seed, item.id))
-            year = F.label_year(stage.label)
-            names = {"name": self.project.name, "label": stage.label, "question": item.instruction}
-            knowable = year is None or item.known_since is None or item.known_since <= year
-            analysis = []
-            if knowable:
-                analysis.append(self.prompts.fill("grounded.analysis.premise_ok", **names))
-                analysis.append(self.prompts.fill("grounded.analysis.ordinary", **names))
-                lead = self._fill_choice("grounded.general_lead", rng, **names)
-                response = self.joiner.join(p for p in (lead, item.reference) if p)
-            else:
-                analysis.append(self.prompts.fill("grounded.analysis.after_time", **names,
-                                                  thing=_shorten(item.instruction)))
-                response = self._fill_choice("grounded.refuse_general", rng, **names)
-            out[item.id] = Answer(self.joiner.join(analysis), response, "grounded",
-                                  {"knowable": knowable, "known_since": item.known_since})
+            answer = self._general_answer(item)
+            if isinstance(answer, Answer):
+                if not self.budget.allows(T.sentences(answer.response)):
+                    answer = Failed("reuse_limit")
+                else:
+                    self.budget.use(answer.response)
+            out[item.id] = answer
         return out
 
+    def _general_answer(self, item: GeneralItem) -> Answer | Failed:
+        stage = self.project.stage(item.stage)
+        rng = random.Random(stable_id(self.project.seed, item.id))
+        year = F.label_year(stage.label)
+        names = {"name": self.project.name, "label": stage.label, "question": item.instruction}
+        # The refusal rests on the text itself too: a user's file without known_since still gets refusals.
+        later = later_terms(f"{item.instruction} {item.reference}", year, self.lang) if year is not None else []
+        knowable = year is None or ((item.known_since is None or item.known_since <= year) and not later)
+        if knowable:
+            leads = self.budget.fresh(self.prompts.get("grounded.general_lead"))
+            lead = fill(rng.choice(leads), **names) if leads else ""
+            voiced = _formal(item.reference) if self.lang == "en" else item.reference
+            analysis = [self.prompts.fill("grounded.analysis.ask", **names),
+                        self.prompts.fill("grounded.analysis.general_ok", **names)]
+            response = self.joiner.join(p for p in (lead, voiced) if p)
+        else:
+            thing = later[0] if later else ""
+            analysis = [self.prompts.fill("grounded.analysis.ask", **names),
+                        self.prompts.fill("grounded.analysis.after_time", **names, thing=thing) if thing else
+                        self.prompts.fill("grounded.analysis.after_time_plain", **names),
+                        self.prompts.fill("grounded.analysis.refuse", **names)]
+            key = "grounded.refuse_general" if thing else "grounded.refuse_general_plain"
+            options = self.budget.fresh(fill(o, **names, thing=thing) for o in self.prompts.get(key))
+            if not options:
+                return Failed("reuse_limit")
+            response = rng.choice(options)
+        return Answer(self.joiner.join(analysis), response, "grounded",
+                      {"knowable": knowable, "known_since": item.known_since, "later_terms": later})
+
     # -- helpers --------------------------------------------------------------------------------------------
-    def _fill_choice(self, key: str, rng: random.Random, **values: Any) -> str:
+    def _fill_choice(self, key: str, rng: random.Random, /, **values: Any) -> str:
         options = self.prompts.get(key)
         return fill(rng.choice(options) if isinstance(options, list) else options, **values).strip()
 
@@ -392,6 +645,63 @@ class GroundedMethod:
 
 
 _PRONOUN_WORDS = {"she", "her", "hers", "herself", "he", "him", "his", "himself"}
+_CONTRACTIONS = {"don't": "do not", "doesn't": "does not", "can't": "cannot", "won't": "will not",
+                 "isn't": "is not", "aren't": "are not", "it's": "it is", "you're": "you are", "I'm": "I am",
+                 "didn't": "did not", "wasn't": "was not", "there's": "there is", "that's": "that is",
+                 "you'll": "you will", "let's": "let us", "I've": "I have", "you've": "you have"}
+
+
+def _formal(text: str) -> str:
+    """Contractions written out, as the persona's period and register would have it."""
+    return re.sub(r"\b(" + "|".join(re.escape(k) for k in _CONTRACTIONS) + r")\b",
+                  lambda m: _CONTRACTIONS.get(m.group(1), _CONTRACTIONS.get(m.group(1).lower(), m.group(1))), text)
+
+
+def _join_lead(lead: str, sentence: str, language: str, material: str = "") -> str:
+    """A short lead joined to the sentence it introduces ("No, not 1829: in 1833 I met ...")."""
+    if not lead:
+        return sentence
+    if language == "zh":
+        return lead + sentence
+    if lead.endswith((".", "!", "?")):
+        return f"{lead} {sentence}"
+    return f"{lead} {F.lower_start(sentence, material)}"
+
+
+def _self_contained(sentence: str, passage: Passage) -> bool:
+    """False for a sentence that leans on the one before it ("She worked on them ..."), unless it opens its passage."""
+    parts = T.sentences(passage.text)
+    if parts and parts[0] == sentence:
+        return True
+    if re.match(r"^(?:It|They|This|These|Those|There|Such|Both|Here|The two|Neither)\b", sentence):
+        return False
+    return not re.match(r"^\W*\w+(?:\s+[\w'’]+){0,3}\s+(?:them|it|these|those|this)\b", sentence)
+
+
+def _quotable(sentence: str, language: str) -> bool:
+    """A view the user can repeat back: short, one clause chain, no quotation or list inside."""
+    if language == "zh":  # a Chinese view keeps its quoted words: “左翼”作家 is not a quotation of someone else
+        return T.count_tokens(sentence) <= 60
+    return T.count_tokens(sentence) <= 30 and not re.search(r"[\"“”:;]", sentence)
+
+
+def _fresh(facts: list[Fact], budget: Q.SentenceBudget | None) -> list[Fact]:
+    return [f for f in facts if budget is None or budget.allows(T.sentences(f.first))]
+
+
+def _without_self_naming(text: str, ref: F.PersonaRef) -> str:
+    """Text without the persona naming themselves ("I am Ada Lovelace"), which is first person, not third."""
+    names = "|".join(re.escape(a) for a in ref.aliases)
+    return re.sub(rf"(?:\bI am|我是)\s*(?:{names})", "", text) if names else text
+
+
+def _without_quotes(text: str) -> str:
+    """Text outside quotation marks (a persona may quote someone who names them)."""
+    return re.sub(r"“[^”]*”|\"[^\"]*\"", "", text)
+
+
+def _in(needle: str, haystack: str) -> bool:
+    return needle.lower() in haystack.lower()
 
 
 def _capitalised(text: str) -> list[str]:
@@ -411,4 +721,3 @@ def _entity_pool(passages: Sequence[Passage], ref: F.PersonaRef) -> list[str]:
 def _shorten(text: str, limit: int = 12) -> str:
     toks = T.tokens(text)
     return text if len(toks) <= limit else " ".join(toks[:limit]) + " ..."
-

@@ -44,6 +44,8 @@ class _Values(dict):  # type: ignore[type-arg]
         lower = key[:1].lower() + key[1:]
         if lower != key and lower in self:
             value = str(self[lower])
+            if value[1:2].isupper():  # "mRNA vaccines", "iPhone": the lowercase start is part of the name
+                return value
             return value[:1].upper() + value[1:]
         raise KeyError(key)
 
