@@ -238,3 +238,45 @@ def _vocab(merged_dir: Path) -> set[str]:
     from persllm.train.gguf_export import hf_vocab
 
     return {t for t in hf_vocab(merged_dir)[1] if t is not None}
+
+
+@cli.command(name="inspect")
+@project_options
+@click.option("--per-group", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Random samples (seeded by the project seed) shown per stage and kind.")
+def inspect_(project: Path, preset: str | None, overrides: Sequence[str], output: Path | None, per_group: int) -> None:
+    """Audit constructed data: counts, drop and rejection reasons, audit figures and sample cards with their
+    origins and seed passages, written to <output>/construct/audit.html."""
+    import json
+
+    from persllm import pipeline
+    from persllm.construct import audit_page
+    from persllm.errors import DataError
+
+    proj = load(project, preset, overrides, output)
+    ws = pipeline.workspace(proj)
+    out = ws.stage_dir("construct")
+    if ws.manifest("construct") is None:
+        raise DataError(f"no finished construct stage in {out}: run `persllm construct {project}` first")
+    stats = json.loads((out / "stats.json").read_text(encoding="utf-8")) if (out / "stats.json").is_file() else {}
+    samples, negatives = pipeline.load_samples(ws), pipeline.load_negatives(ws)
+    passages = pipeline.load_passages(ws) if (ws.stage_dir("ingest") / "passages.jsonl").is_file() else []
+    path = audit_page.write_audit_page(proj, samples, negatives, passages, stats, out / "audit.html", per_group)
+    console.print(f"[bold]{escape(proj.name)}[/bold]: mode {escape(str(stats.get('mode') or 'n/a'))}, teacher "
+                  f"{escape(str(stats.get('teacher') or proj.teacher.spec))}, {len(samples)} samples, "
+                  f"{len(negatives)} negatives")
+    console.print(summary_table("Samples", audit_page.count_rows(proj, samples),
+                                ["stage", "kind", "train", "test", "total"]))
+    for key, title in (("dropped", "Dropped slots"), ("rejected", "Rejected teacher outputs")):
+        rows = audit_page.reason_rows(stats, key)
+        if not rows:
+            console.print(f"{title}: {'n/a (not recorded by this construct run)' if rows is None else 'none'}")
+            continue
+        more = [[f"... {len(rows) - 8} more reasons", ""]] if len(rows) > 8 else []
+        console.print(summary_table(title, [[escape(c) for c in r] for r in rows[:8]] + more, ["reason", "count"]))
+    if isinstance(stats.get("audit"), dict):
+        console.print(summary_table("Audit", [[escape(c) for c in r[:2]] for r in audit_page.audit_rows(stats)],
+                                    ["figure", "value"]))
+    else:
+        console.print("Audit figures: n/a (not recorded by this construct run; re-run with --force)")
+    console.print(f"audit page: {escape(str(path))}", soft_wrap=True)
