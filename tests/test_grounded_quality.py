@@ -176,6 +176,7 @@ def test_chinese_example_runs_end_to_end(tmp_path: Path, tiny_model: Path) -> No
     shutil.copytree(EXAMPLES / "lu-xun", root, ignore=shutil.ignore_patterns("out"))
     sets = ["teacher=fake", "construct.mode=grounded", f"base_model=hf:{tiny_model}", "sft.batch_size=2",
             "sft.max_steps=2", "dpo.batch_size=2", "dpo.max_steps=2", "eval.max_new_tokens=6", "eval.max_probes=6",
+            "sft.max_length=2048", "dpo.max_length=2048",  # the tiny test tokenizer spells Chinese byte by byte
             "eval.judge_items=1", "eval.judge_repeats=1", "eval.judge_retries=0", "eval.ipip_interview_items=0"]
     result = subprocess.run([sys.executable, "-m", "persllm", "run", str(root), "--preset", "demo",
                              *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=900)
@@ -183,5 +184,7 @@ def test_chinese_example_runs_end_to_end(tmp_path: Path, tiny_model: Path) -> No
     out = root / "out"
     samples = [json.loads(line) for line in (out / "construct" / "samples.jsonl").read_text().splitlines()]
     assert {s["stage"] for s in samples} == {"early", "late"}
-    assert all("我" in s["response"] or s["kind"] == "general" for s in samples)
+    stats = json.loads((out / "construct" / "stats.json").read_text())
+    assert stats["audit"]["held_out_leaks"] == 0 and stats["audit"]["rewrite_grammar_errors"] == 0
+    assert any("我" in s["response"] for s in samples if s["kind"] == "opinion")
     assert (out / "dpo" / "adapter" / "adapter_config.json").is_file() and (out / "eval" / "report.json").is_file()
