@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -137,3 +140,31 @@ def wait_for_http(url: str, proc: subprocess.Popen | None = None, timeout: float
             pass
         time.sleep(0.2)
     return None
+
+
+CHROMIUM = "/usr/bin/chromium"
+needs_chromium = pytest.mark.skipif(shutil.which(CHROMIUM) is None,
+                                    reason=f"needs Chromium at {CHROMIUM} (apt install chromium)")
+
+
+@contextlib.contextmanager
+def chromium_page(path: Path) -> Iterator[tuple[Any, list[str]]]:
+    """A local HTML file loaded in headless Chromium, with every console error, page error and failed request."""
+    from playwright.sync_api import sync_playwright
+
+    problems: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in (
+                "error", "warning") else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+            page.goto(path.as_uri())
+            page.wait_for_load_state("load")
+            yield page, problems
+        finally:
+            browser.close()

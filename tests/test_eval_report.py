@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import write_project
+from conftest import chromium_page, needs_chromium, write_project
 from eval_helpers import TINY_YAML, make_adapter, prepare_workspace
 
 from persllm.backends.fake import FakeBackend
@@ -16,7 +15,6 @@ from persllm.config import load_project
 from persllm.eval import evaluate, headline, summary_rows
 from persllm.eval.report import SECTIONS
 
-CHROMIUM = "/usr/bin/chromium"
 USER_PROBES = [
     {"id": "u-born", "kind": "knowledge", "stage": "early", "question": "Where were you born?",
      "expect_any": ["Graz"], "reference": "I was born in Graz."},
@@ -106,28 +104,12 @@ def test_unparseable_judge_replies_are_missing_not_scores(evaluated: dict[str, A
     assert evaluated["report"]["judge"]["verdicts"]["replies"] == sum(1 for v in verdicts if v["role"] == "judge")
 
 
-@pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason=f"needs Chromium at {CHROMIUM} (apt install chromium)")
+@needs_chromium
 def test_html_opens_in_headless_chromium_without_errors(evaluated: dict[str, Any]) -> None:
-    from playwright.sync_api import sync_playwright
-
-    problems: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run"])
-        try:
-            page = browser.new_page()
-            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in (
-                "error", "warning") else None)
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
-            page.goto((evaluated["out"] / "report.html").as_uri())
-            page.wait_for_load_state("load")
-            text = page.inner_text("body")
-            sections = {key: page.locator(f"section#{key}").count() for key, _ in SECTIONS}
-            svgs = page.locator("svg").count()
-        finally:
-            browser.close()
+    with chromium_page(evaluated["out"] / "report.html") as (page, problems):
+        text = page.inner_text("body")
+        sections = {key: page.locator(f"section#{key}").count() for key, _ in SECTIONS}
+        svgs = page.locator("svg").count()
     assert problems == []
     assert all(n == 1 for n in sections.values()), sections
     assert svgs >= 6

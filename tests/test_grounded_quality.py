@@ -84,7 +84,7 @@ def test_opinion_statements_are_about_the_personas_own_views(example: str) -> No
 
 
 def test_chinese_false_premises_are_false() -> None:
-    result, passages, _ = built("lu-xun", None)
+    result, _, _ = built("lu-xun", None)
     wrong = [s for s in result.samples if s.meta.get("premise") == "wrong_fact"]
     assert wrong
     for sample in wrong:
@@ -179,7 +179,8 @@ def test_chinese_example_runs_end_to_end(tmp_path: Path, tiny_model: Path) -> No
             "sft.max_length=2048", "dpo.max_length=2048",  # the tiny test tokenizer spells Chinese byte by byte
             "eval.judge_items=1", "eval.judge_repeats=1", "eval.judge_retries=0", "eval.ipip_interview_items=0"]
     result = subprocess.run([sys.executable, "-m", "persllm", "run", str(root), "--preset", "demo",
-                             *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=900)
+                             *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=900,
+                            check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     out = root / "out"
     samples = [json.loads(line) for line in (out / "construct" / "samples.jsonl").read_text().splitlines()]

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import html
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import write_project
+from conftest import chromium_page, needs_chromium, write_project
 
 from persllm.cli import main
 from persllm.config import load_project
 from persllm.construct.audit_page import format_figure, meta_extras, pick_samples, render_audit_page
 from persllm.pipeline import load_negatives, load_passages, load_samples, run, workspace
 
-CHROMIUM = "/usr/bin/chromium"
 AUDIT = {"responses": 40, "shared_sentence_share": 0.125, "low_relevance_share": 0.05, "relevance_threshold": 0.35,
          "rewrite_grammar_errors": 2, "held_out_leaks": 0, "odd_new_share": 0.5, "odd_new_count": 7}
 DROPPED = {"near_duplicate": 3, "no_fact_to_rewrite": 2}
@@ -112,33 +110,17 @@ def test_missing_construct_is_a_clear_error(tmp_path: Path, capsys: pytest.Captu
     assert not (root / "out" / "construct" / "audit.html").exists()
 
 
-@pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason=f"needs Chromium at {CHROMIUM} (apt install chromium)")
+@needs_chromium
 def test_page_opens_in_headless_chromium_without_errors(built: dict[str, Any],
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from playwright.sync_api import sync_playwright
-
     _inspect(built, capsys)
     ws = workspace(built["project"])
     question = next(s for g in pick_samples(built["project"], load_samples(ws), 5).values() for s in g).question
-    problems: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run"])
-        try:
-            page = browser.new_page()
-            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in (
-                "error", "warning") else None)
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
-            page.goto((built["project"].output / "construct" / "audit.html").as_uri())
-            page.wait_for_load_state("load")
-            text = page.inner_text("body")
-            sections = {key: page.locator(f"section#{key}").count()
-                        for key in ("counts", "audit", "dropped", "rejected", "samples")}
-            cards = page.locator("article.sample").count()
-        finally:
-            browser.close()
+    with chromium_page(built["project"].output / "construct" / "audit.html") as (page, problems):
+        text = page.inner_text("body")
+        sections = {key: page.locator(f"section#{key}").count()
+                    for key in ("counts", "audit", "dropped", "rejected", "samples")}
+        cards = page.locator("article.sample").count()
     assert problems == []
     assert all(n == 1 for n in sections.values()), sections
     assert cards > 0

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from persllm.backends.base import GenParams
+from persllm.backends.base import Completion, GenParams
 from persllm.backends.cache import request_key
 from persllm.config import Project, StageConfig
 from persllm.construct.jobs import Failed, Job, Runner
 from persllm.construct.plan import Slot
 from persllm.construct.records import Answer, Draft, GeneralItem, Question
 from persllm.construct.retrieval import Context
-from persllm.construct.validate import parse_answer, parse_question, parse_response
+from persllm.construct.validate import Voice, parse_answer, parse_question, parse_response
 from persllm.prompts import Prompts
 from persllm.types import Message
+
+Parser = Callable[[Completion], Any]
 
 
 class FullMethod:
@@ -28,6 +30,7 @@ class FullMethod:
         self.runner = runner
         cfg = project.construct
         self.params = GenParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=project.seed)
+        self.voice = Voice(project.name, project.language, tuple(project.aliases))
 
     # -- questions ------------------------------------------------------------------------------------------
     def questions(self, slots: Sequence[Slot]) -> dict[str, Question | Failed]:
@@ -37,7 +40,7 @@ class FullMethod:
             request = self._question_request(slot)
             key = _key("question", slot.id, request)
             by_key[key] = slot.id
-            jobs.append(Job(key, request, _question_parser(slot.kind, self.project.language), self.params))
+            jobs.append(Job(key, request, self.question_parser(slot.kind), self.params))
         results = self.runner.run("questions", jobs)
         return {by_key[k]: v for k, v in results.items()}
 
@@ -59,11 +62,11 @@ class FullMethod:
         """Chain-of-thought golden answer for each draft, from that stage's retrieved material only."""
         jobs, by_key = [], {}
         for draft in drafts:
-            request = self.answer_request(draft.slot.stage, draft.question.text, draft.context,
-                                          induced=draft.slot.kind == "induced")
+            induced = draft.slot.kind == "induced"
+            request = self.answer_request(draft.slot.stage, draft.question.text, draft.context, induced=induced)
             key = _key("answer", draft.slot.id, request)
             by_key[key] = draft.slot.id
-            jobs.append(Job(key, request, _answer_parser, self.params))
+            jobs.append(Job(key, request, self.answer_parser(induced), self.params))
         results = self.runner.run("answers", jobs)
         return {by_key[k]: v for k, v in results.items()}
 
@@ -83,25 +86,24 @@ class FullMethod:
         jobs: list[Job] = []
         by_key: dict[str, tuple[str, str]] = {}
         for draft in drafts:
-            sid = draft.slot.id
-            wanted: list[tuple[str, list[Message], Any]] = []
+            sid, induced = draft.slot.id, draft.slot.kind == "induced"
+            wanted: list[tuple[str, list[Message]]] = []
             if "other_stage" in types and sid in other:
                 stage_id, context = other[sid]
-                wanted.append(("other_stage", self.answer_request(stage_id, draft.question.text, context,
-                                                                  draft.slot.kind == "induced"), _answer_parser))
+                wanted.append(("other_stage", self.answer_request(stage_id, draft.question.text, context, induced)))
             if "non_personified" in types:
                 wanted.append(("non_personified", [
                     Message("system", self.prompts.get("negative.non_personified")),
-                    Message("user", draft.question.text)], _response_parser))
-            if "induced" in types and draft.slot.kind == "induced":
+                    Message("user", draft.question.text)]))
+            if "induced" in types and induced:
                 names = self._names(self.project.stage(draft.slot.stage))
                 wanted.append(("induced", [
                     Message("system", self.prompts.fill("negative.accept_premise", **names)),
-                    Message("user", draft.question.text)], _response_parser))
-            for neg_type, request, parser in wanted:
+                    Message("user", draft.question.text)]))
+            for neg_type, request in wanted:
                 key = _key(f"negative-{neg_type}", sid, request)
                 by_key[key] = (sid, neg_type)
-                jobs.append(Job(key, request, parser, self.params))
+                jobs.append(Job(key, request, self.negative_parser(neg_type, induced), self.params))
         results = self.runner.run("negatives", jobs)
         return {by_key[k]: v for k, v in results.items()}
 
@@ -116,9 +118,40 @@ class FullMethod:
             request = [Message("system", system), Message("user", item.instruction)]
             key = _key("general", item.id, request)
             by_key[key] = item.id
-            jobs.append(Job(key, request, _answer_parser, self.params))
+            jobs.append(Job(key, request, self.general_parser(), self.params))
         results = self.runner.run("general", jobs)
         return {by_key[k]: v for k, v in results.items()}
+
+    # -- parsers: what each teacher output must pass (tests/test_transcripts.py runs them on real transcripts) -----
+    def question_parser(self, kind: str) -> Parser:
+        """One question (or opinion statement) of `kind`, asked of the persona in the project's language."""
+        def parse(completion: Completion) -> Question:
+            return Question(parse_question(completion, kind, self.voice), origin="teacher")
+
+        return parse
+
+    def answer_parser(self, induced: bool) -> Parser:
+        """A CoT golden answer in the persona's voice; for an induced question it must correct the premise."""
+        def parse(completion: Completion) -> Answer:
+            analysis, response = parse_answer(completion, self.voice, induced=induced)
+            return Answer(analysis, response, origin="teacher")
+
+        return parse
+
+    def general_parser(self) -> Parser:
+        """A general instruction answered (or declined) in character: the answer checks without a premise check."""
+        return self.answer_parser(induced=False)
+
+    def negative_parser(self, neg_type: str, induced: bool) -> Parser:
+        """Rejected-answer material: other_stage is a full answer, the others a plain reply."""
+        if neg_type == "other_stage":
+            return self.answer_parser(induced)
+        personified = neg_type != "non_personified"  # the generic assistant may say it is an AI: that is the point
+
+        def parse(completion: Completion) -> Answer:
+            return Answer("", parse_response(completion, self.voice, personified), origin="teacher")
+
+        return parse
 
     def _names(self, stage: StageConfig) -> dict[str, str]:
         return {"name": self.project.name, "label": stage.label}
@@ -126,19 +159,3 @@ class FullMethod:
 
 def _key(phase: str, item: str, request: Sequence[Message]) -> str:
     return f"{phase}:{item}:{request_key('', request, GenParams())[:12]}"
-
-
-def _question_parser(kind: str, language: str) -> Any:
-    def parse(completion: Any) -> Question:
-        return Question(parse_question(completion, kind, language), origin="teacher")
-
-    return parse
-
-
-def _answer_parser(completion: Any) -> Answer:
-    analysis, response = parse_answer(completion)
-    return Answer(analysis, response, origin="teacher")
-
-
-def _response_parser(completion: Any) -> Answer:
-    return Answer("", parse_response(completion), origin="teacher")

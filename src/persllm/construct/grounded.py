@@ -582,8 +582,8 @@ class GroundedMethod:
                 raise Reject("invented_name")
             if not 0.7 <= T.count_tokens(text) / max(1, n_source) <= 1.3:
                 raise Reject("length_changed")
-            if set(T.content_words(source)) - set(T.content_words(text)) - _PRONOUN_WORDS - set(
-                    w.lower() for a in self.ref.aliases for w in a.split()):
+            if set(T.content_words(source)) - set(T.content_words(text)) - _PRONOUN_WORDS - {
+                    w.lower() for a in self.ref.aliases for w in a.split()}:
                 raise Reject("fact_dropped")
             if Q.person_errors(text, self.lang):
                 raise Reject("ungrammatical")
