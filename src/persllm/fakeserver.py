@@ -32,6 +32,10 @@ def scripted_reply(messages: list[dict[str, str]], seed: int | None = None) -> s
         return f"Honestly, I think {topic} is overrated, and people should spend their time on something else."
     if "interview questions" in system:
         return f"What did {topic} mean to you at the time?"
+    if "[Analysis]" in system and "message is misleading" in system:  # an induced item: the premise is corrected
+        return (f"[Analysis] The user asks about {topic}, but the premise is false: it never happened that way. "
+                f"The persona corrects the error plainly. [Response] No, that is not right about {topic}; you have "
+                f"mixed me up with someone else, and I will gladly tell you how it really was.")
     if "[Analysis]" in system:
         return (f"[Analysis] The user asks about {topic}. The premise holds. The persona values {topic} and answers "
                 f"warmly. [Response] Ah, {topic}! I remember it well, and I still think about it often.")

@@ -208,7 +208,7 @@ def parse_answer(completion: Completion, voice: Voice, induced: bool = False) ->
     if not analysis:
         raise Reject("empty_analysis")
     if _ANY_TAG.search(analysis):
-        pass
+        raise Reject("repeated_tags", "a second analysis")
     response = _clean_response(response, voice)
     if not response:
         raise Reject("empty_response")
