@@ -47,6 +47,9 @@ _IDENTITY_CUES = re.compile(r"\b(?:born|daughter|son|married|wife|husband|mother
                             r"grew up|only child)\b|出生|生于|女儿|儿子|结婚|妻子|丈夫|母亲|父亲|求学|学习|成为|居住")
 _MAX_FACT_TOKENS = 55
 
+# What an answer builder returns: (analysis parts, response parts, meta), or Failed(reason).
+Built = tuple[list[str], list[str], dict[str, Any]] | Failed
+
 
 @dataclass(frozen=True)
 class Fact:
@@ -340,9 +343,6 @@ class GroundedMethod:
         if budget is not None and not budget.allows(T.sentences(response)):
             return Failed("reuse_limit")
         return Answer(self.joiner.join(a for a in analysis if a), response, "grounded", meta)
-
-    # Each builder returns (analysis parts, response parts, meta) or Failed(reason).
-    Built = tuple[list[str], list[str], dict[str, Any]] | Failed
 
     def _ordinary_answer(self, slot: Slot, stage_id: str, question: Question, context: Context,
                          names: dict[str, str], rng: random.Random, budget: Q.SentenceBudget | None) -> Built:
