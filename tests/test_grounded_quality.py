@@ -189,3 +189,25 @@ def test_chinese_example_runs_end_to_end(tmp_path: Path, tiny_model: Path) -> No
     assert stats["audit"]["held_out_leaks"] == 0 and stats["audit"]["rewrite_grammar_errors"] == 0
     assert any("我" in s["response"] for s in samples if s["kind"] == "opinion")
     assert (out / "dpo" / "adapter" / "adapter_config.json").is_file() and (out / "eval" / "report.json").is_file()
+
+
+def _proposing_teacher(request: object) -> str:
+    """A small model's typical proposals: a loose question about one word of the passage, or a vague one."""
+    text = str(request)
+    if "Question:" not in text:
+        return "not usable"  # first-person rewrites: all rejected, the rules do them
+    passage = text.rsplit("Passage:", 1)[-1].split("\n")[0]
+    word = max(T.content_words(passage), key=len)
+    return f"Why did you choose to become a {word}?" if len(word) % 2 else f"How did {word} feel when you saw it?"
+
+
+def test_model_questions_get_answers_that_take_them_up() -> None:
+    project = load_project(EXAMPLES / "ada-lovelace", preset="demo")
+    passages, _ = ingest(project)
+    result = construct(project, passages, FakeBackend(_proposing_teacher))
+    assert result.stats["rejected"].get("vague", 0) > 0  # "... when you saw it?": saw what?
+    for sample in result.samples:
+        if sample.meta["origin"].get("question") == "teacher":
+            for sentence in T.sentences(sample.response):
+                assert Q.relevance(sample.question, sentence, "en", project.aliases) >= 0.5, (sample.question,
+                                                                                                sentence)

@@ -46,6 +46,8 @@ _RELATIONS = re.compile(r"\b(?:friend|teacher|tutor|husband|wife|mother|father|d
 _IDENTITY_CUES = re.compile(r"\b(?:born|daughter|son|married|wife|husband|mother|father|studied|became|lived|"
                             r"grew up|only child)\b|出生|生于|女儿|儿子|结婚|妻子|丈夫|母亲|父亲|求学|学习|成为|居住")
 _MAX_FACT_TOKENS = 55
+_TEACHER_RELEVANCE = 0.5  # share of a model-written question's topic words each answering sentence must take up
+_VAGUE_END = re.compile(r"\b(?:it|that|this|them|there|those|these)\s*[?？]$", re.IGNORECASE)
 
 # What an answer builder returns: (analysis parts, response parts, meta), or Failed(reason).
 Built = tuple[list[str], list[str], dict[str, Any]] | Failed
@@ -119,6 +121,8 @@ class GroundedMethod:
                 raise Reject("not_addressed_to_persona")
             if F.mentions_persona(text, self.ref):
                 raise Reject("third_person_persona")
+            if _VAGUE_END.search(text):
+                raise Reject("vague")  # "How did you feel when you first saw it?": saw what?
             if not set(T.content_words(text)) & seed_words:
                 raise Reject("off_topic")
             if set(_capitalised(text)) - seed_caps - {text.split()[0] if text.split() else ""}:
@@ -351,6 +355,13 @@ class GroundedMethod:
         facts = _fresh(facts, budget)
         about = question.meta.get("topic") or question.text  # a rule question is about its topic, not its frame
         own = self._own_words(stage_id, about, context, slot, budget, exclude=[f.first for f in facts[:1]])
+        if question.origin == "teacher":
+            # A model-written question names no topic of ours: each sentence of the answer must take up half of it,
+            # or "Why did you choose to become a scientist?" gets a sentence that merely mentions scientists.
+            def answers(sentence: str) -> bool:
+                return Q.relevance(question.text, sentence, self.lang, self.ref.aliases) >= _TEACHER_RELEVANCE
+
+            facts, own = [f for f in facts if answers(f.first)], [w for w in own if answers(w)]
         if not facts and not own:
             return Failed("no_fact_for_topic")
         fact = facts[0] if facts else None
