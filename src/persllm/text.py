@@ -65,6 +65,11 @@ def sentences(text: str) -> list[str]:
     return out
 
 
+def quotes_balanced(text: str) -> bool:
+    """True when every quotation opened in the text is closed in it."""
+    return text.count('"') % 2 == 0 and text.count("“") == text.count("”")
+
+
 def content_words(text: str) -> list[str]:
     """Lowercased tokens that carry meaning: CJK characters and non-stopword words of 3+ letters."""
     out = []

@@ -184,8 +184,8 @@ def _other_stage_contexts(project: Project, drafts: Sequence[Draft], retrievers:
 
 
 def _stats(project: Project, mode: str, slots: Sequence[Slot], questions: dict[str, Any], dropped: dict[int, int],
-           answers: dict[str, Any], general: dict[str, Any], samples: Sequence[Sample], negatives: Sequence[Negative], runner: Runner,
-           teacher: Backend) -> dict[str, Any]:
+           answers: dict[str, Any], general: dict[str, Any], samples: Sequence[Sample], negatives: Sequence[Negative],
+           runner: Runner, teacher: Backend) -> dict[str, Any]:
     personified = [s for s in samples if s.kind != "general"]
     origins: Counter[str] = Counter()
     for s in samples:

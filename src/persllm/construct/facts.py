@@ -349,6 +349,11 @@ def lower_start(text: str, material: str = "") -> str:
     first = text.split()[0] if text.split() else ""
     if not first or first in ("I", "I'm", "I've", "I'd", "I'll") or first.isupper() or not first[:1].isupper():
         return text
-    if first.lower() not in T.STOPWORDS_EN and re.search(r"[a-z,;] " + re.escape(first) + r"\b", material):
+    if first.lower() not in T.STOPWORDS_EN and named_inside(first, material):
         return text
     return text[:1].lower() + text[1:]
+
+
+def named_inside(word: str, material: str) -> bool:
+    """True when the material writes `word` capitalised inside a sentence, as a name ("in The Times", "to Babbage")."""
+    return re.search(r"[a-z,;] " + re.escape(word) + r"\b", material) is not None

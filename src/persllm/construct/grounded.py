@@ -181,8 +181,7 @@ class GroundedMethod:
                     " " not in entity and after and after not in T.STOPWORDS_EN and not after.endswith("ed") \
                     and len(after) > 3:
                 return False
-            if " " not in entity and sentence.startswith(entity) and not re.search(
-                    r"[a-z,;] " + re.escape(entity) + r"\b", self.material):
+            if " " not in entity and sentence.startswith(entity) and not F.named_inside(entity, self.material):
                 return False  # only ever capitalised because it starts a sentence ("Coming first in ...")
         return " " in entity or self.lang == "zh" or re.search(r"(?<![.!?] )\b" + re.escape(entity.lower()) + r"\b",
                                                                self.material) is None
@@ -213,10 +212,11 @@ class GroundedMethod:
 
     def _pick_view(self, slot: Slot) -> View | None:
         """The least-used view of the stage closest to the seed (the seed's own first), held-out views excluded."""
-        allowed = [v for v in self.views.get(slot.stage, []) if slot.split == "test" and v.passage_id == slot.seed.id
-                   or slot.split == "train" and v.passage_id not in self.held_out]
+        views = self.views.get(slot.stage, [])
         if slot.split == "test":  # a held-out item is built from its own held-out seed only
-            allowed = [v for v in allowed if v.passage_id == slot.seed.id]
+            allowed = [v for v in views if v.passage_id == slot.seed.id]
+        else:
+            allowed = [v for v in views if v.passage_id not in self.held_out]
         if not allowed:
             return None
         seed_terms = Q.topic_terms(slot.seed.text, self.lang)
@@ -482,28 +482,29 @@ class GroundedMethod:
         passages = [retriever.by_id[i] for i in context.knowledge_ids if i in retriever.by_id]
         if slot.seed.kind == "knowledge" and stage_id == slot.stage and slot.seed not in passages:
             passages.insert(0, slot.seed)
-        terms = Q.topic_terms(question.text, self.lang, self.ref.aliases)
-        scored = []
-        for rank, passage in enumerate(passages):
-            if not self._allowed(passage, slot):
-                continue
-            for position, sentence in enumerate(T.sentences(passage.text)):
-                overlap = len(terms & Q.topic_terms(sentence, self.lang, self.ref.aliases))
-                if overlap and T.count_tokens(sentence) <= _MAX_FACT_TOKENS and _self_contained(sentence, passage):
-                    scored.append((-overlap, rank, position, sentence))
-        return [s for *_, s in sorted(scored)]
+        return self._by_overlap(question.text, passages, lambda p, s: self._allowed(p, slot) and T.count_tokens(s)
+                                <= _MAX_FACT_TOKENS and _self_contained(s, p))
 
     def _best_sentence(self, stage_id: str, question: Question, context: Context) -> str:
         """The context sentence most related to the question (for negatives and other-stage corrections)."""
         retriever = self.retrievers[stage_id]
-        terms = Q.topic_terms(question.text, self.lang, self.ref.aliases)
-        best, best_score = "", -1
-        for i in context.knowledge_ids:
-            for sentence in T.sentences(retriever.by_id[i].text) if i in retriever.by_id else []:
-                score = len(terms & Q.topic_terms(sentence, self.lang, self.ref.aliases))
-                if score > best_score and T.count_tokens(sentence) <= _MAX_FACT_TOKENS:
-                    best, best_score = sentence, score
-        return best
+        passages = [retriever.by_id[i] for i in context.knowledge_ids if i in retriever.by_id]
+        ranked = self._by_overlap(question.text, passages, lambda p, s: T.count_tokens(s) <= _MAX_FACT_TOKENS,
+                                  least=0)
+        return ranked[0] if ranked else ""
+
+    def _by_overlap(self, query: str, passages: Sequence[Passage], keep: Callable[[Passage, str], bool],
+                    least: int = 1) -> list[str]:
+        """Sentences of the passages that `keep` accepts and that share at least `least` topic words with the query,
+        most shared first, then in passage and sentence order."""
+        terms = Q.topic_terms(query, self.lang, self.ref.aliases)
+        scored = []
+        for rank, passage in enumerate(passages):
+            for position, sentence in enumerate(T.sentences(passage.text)):
+                overlap = len(terms & Q.topic_terms(sentence, self.lang, self.ref.aliases))
+                if overlap >= least and keep(passage, sentence):
+                    scored.append((-overlap, rank, position, sentence))
+        return [s for *_, s in sorted(scored)]
 
     def _identity_sentences(self, stage_id: str, slot: Slot) -> list[str]:
         """Knowledge sentences that say who the persona is at this stage (birth, family, work)."""
@@ -524,21 +525,13 @@ class GroundedMethod:
         texts = [slot.seed] if slot.seed.kind == "style" and stage_id == slot.stage else []
         texts += [retriever.by_id[i] for i in context.style_ids if i in retriever.by_id and retriever.by_id[i]
                   not in texts]
-        terms = Q.topic_terms(query, self.lang, self.ref.aliases)
-        scored = []
-        for order, passage in enumerate(texts):
-            if not self._allowed(passage, slot):
-                continue
-            for position, sentence in enumerate(T.sentences(passage.text)):
-                overlap = len(terms & Q.topic_terms(sentence, self.lang, self.ref.aliases))
-                if overlap == 0 or T.count_tokens(sentence) > 60 or sentence in exclude:
-                    continue
-                if not F.first_person_markers(sentence, self.lang) or sentence.rstrip().endswith(("?", "？")):
-                    continue
-                if sentence.count('"') % 2 or sentence.count("“") != sentence.count("”"):
-                    continue  # a quotation cut in two by the sentence split
-                scored.append((-overlap, order, position, sentence))
-        chosen = [s for *_, s in sorted(scored)]
+
+        def keep(passage: Passage, sentence: str) -> bool:
+            return (self._allowed(passage, slot) and T.count_tokens(sentence) <= 60 and sentence not in exclude
+                    and F.first_person_markers(sentence, self.lang) and not sentence.rstrip().endswith(("?", "？"))
+                    and T.quotes_balanced(sentence))  # not a quotation cut in two by the sentence split
+
+        chosen = self._by_overlap(query, texts, keep)
         return [s for s in chosen if budget is None or budget.allows([s])]
 
     def _continuation(self, stage_id: str, sentence: str, budget: Q.SentenceBudget | None) -> list[str]:
@@ -727,8 +720,3 @@ def _entity_pool(passages: Sequence[Passage], ref: F.PersonaRef) -> list[str]:
         if passage.kind == "knowledge":
             pool.extend(F.entities(passage.text, ref))
     return sorted(set(pool))
-
-
-def _shorten(text: str, limit: int = 12) -> str:
-    toks = T.tokens(text)
-    return text if len(toks) <= limit else " ".join(toks[:limit]) + " ..."

@@ -74,7 +74,7 @@ def _view(sentence: str, passage: Passage, ref: F.PersonaRef) -> View | None:
         return None  # what others say or think, not the persona's own view
     if not zh and re.match(r"(?:He|She|It|They|This|These|Those|That|His|Her|Their)\b", sentence):
         return None  # leans on a sentence the user never heard ("He is right, I confess it")
-    if sentence.count("\"") % 2 or sentence.count("“") != sentence.count("”"):
+    if not T.quotes_balanced(sentence):
         return None  # a quotation cut in two by the sentence split
     if passage.kind == "style":
         if not F.first_person_markers(sentence, ref.language) or not (_VIEW_ZH if zh else _VIEW_EN).search(sentence):
