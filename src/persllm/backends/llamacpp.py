@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -12,7 +16,46 @@ from pathlib import Path
 from typing import Any
 
 from persllm.backends.base import Completion, GenParams, Request, Result, Usage, sequential_many
-from persllm.errors import BackendError, ConfigError, require
+from persllm.errors import BackendError, ConfigError, DependencyError, require
+
+REBUILD = ('pip cache remove llama_cpp_python && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON '
+           '-DGGML_F16C=ON" pip install --force-reinstall --no-deps llama-cpp-python')
+_PROBE = ("import sys\nfrom llama_cpp import Llama\n"
+          "Llama(model_path=sys.argv[1], n_ctx=64, n_threads=1, verbose=False).create_completion('Hi', max_tokens=1)")
+
+
+def check_build(path: Path) -> None:
+    """Decode one token in a child process before loading in this one: a llama.cpp built for CPU features this
+    machine cannot use (AMX in a sandboxed VM) kills its process with SIGSEGV and no message, and with it the
+    user's run. The result is remembered per build and model, so the check costs a few seconds once."""
+    import llama_cpp
+
+    from persllm.models import persllm_home
+
+    library = Path(llama_cpp.__file__).parent
+    build = sorted(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in library.rglob("*.so*"))
+    key = hashlib.sha256(f"{llama_cpp.__version__}|{build}|{path.resolve()}".encode()).hexdigest()[:16]
+    marker = persllm_home() / "llamacpp-checked" / key
+    if marker.exists():
+        return
+    crash = probe_crash([sys.executable, "-c", _PROBE, str(path)])
+    if crash:
+        raise DependencyError(f"llama-cpp-python died with {crash} decoding one token of {path.name}: its build does "
+                              f"not run on this CPU. Rebuild it for AVX2: {REBUILD}")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+
+
+def probe_crash(command: Sequence[str], timeout: float = 300) -> str:
+    """The signal that killed `command` ("SIGSEGV"), or "" when it exited by itself (errors are reported by the
+    real load, which says more than a child's exit code)."""
+    result = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
+    if result.returncode >= 0:
+        return ""
+    try:
+        return signal.Signals(-result.returncode).name
+    except ValueError:
+        return f"signal {-result.returncode}"
 
 
 class LlamaCpp:
@@ -25,6 +68,7 @@ class LlamaCpp:
         path = Path(model_path)
         if not path.is_file():
             raise ConfigError(f"GGUF file not found: {path}")
+        check_build(path)
         self.name = f"llamacpp:{path.name}"
         self.usage = Usage()
         self.n_ctx = n_ctx
