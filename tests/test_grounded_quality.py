@@ -206,6 +206,7 @@ def test_model_questions_get_answers_that_take_them_up() -> None:
     passages, _ = ingest(project)
     result = construct(project, passages, FakeBackend(_proposing_teacher))
     assert result.stats["rejected"].get("vague", 0) > 0  # "... when you saw it?": saw what?
+    assert result.stats["rejected"].get("unanswerable", 0) > 0  # no seed sentence takes the question up
     for sample in result.samples:
         if sample.meta["origin"].get("question") == "teacher":
             for sentence in T.sentences(sample.response):

@@ -107,6 +107,7 @@ class GroundedMethod:
         seed_words = set(T.content_words(slot.seed.text))
         seed_caps = set(_capitalised(slot.seed.text))
         seed_numbers = set(re.findall(r"\d+", slot.seed.text))
+        seed_sentences = T.sentences(slot.seed.text)
 
         def check(completion: Completion) -> Question:
             text = completion.text.strip().split("\n")[0].strip().strip("\"'“”")
@@ -125,6 +126,8 @@ class GroundedMethod:
                 raise Reject("vague")  # "How did you feel when you first saw it?": saw what?
             if not set(T.content_words(text)) & seed_words:
                 raise Reject("off_topic")
+            if not any(self._takes_up(text, s) for s in seed_sentences):
+                raise Reject("unanswerable")  # no seed sentence takes it up: the rules ask their own question instead
             if set(_capitalised(text)) - seed_caps - {text.split()[0] if text.split() else ""}:
                 raise Reject("invented_name")
             if set(re.findall(r"\d+", text)) - seed_numbers:
@@ -358,10 +361,8 @@ class GroundedMethod:
         if question.origin == "teacher":
             # A model-written question names no topic of ours: each sentence of the answer must take up half of it,
             # or "Why did you choose to become a scientist?" gets a sentence that merely mentions scientists.
-            def answers(sentence: str) -> bool:
-                return Q.relevance(question.text, sentence, self.lang, self.ref.aliases) >= _TEACHER_RELEVANCE
-
-            facts, own = [f for f in facts if answers(f.first)], [w for w in own if answers(w)]
+            facts = [f for f in facts if self._takes_up(question.text, f.first)]
+            own = [w for w in own if self._takes_up(question.text, w)]
         if not facts and not own:
             return Failed("no_fact_for_topic")
         fact = facts[0] if facts else None
@@ -375,6 +376,13 @@ class GroundedMethod:
         analysis.append(self.prompts.fill("grounded.analysis.ordinary", **names))
         meta = {"fact_origin": fact.origin if fact else "none", "style_sentences": len(own[:1])}
         return analysis, parts, meta
+
+    def _takes_up(self, question: str, sentence: str) -> bool:
+        """True when the sentence shares half of a model-written question's topic words, and two of them when the
+        question has two ("When did you become a writer?" is not answered by a sentence about another writer)."""
+        asked = Q.topic_terms(question, self.lang, self.ref.aliases)
+        shared = asked & Q.topic_terms(sentence, self.lang, self.ref.aliases)
+        return bool(asked) and len(shared) >= min(2, len(asked)) and len(shared) / len(asked) >= _TEACHER_RELEVANCE
 
     def _opinion_answer(self, slot: Slot, stage_id: str, question: Question, names: dict[str, str],
                         rng: random.Random, budget: Q.SentenceBudget | None, own_stage: bool) -> Built:
