@@ -69,7 +69,9 @@ def test_empty_and_missing_files(tmp_path: Path) -> None:
 
 
 def probe(**rules: object) -> Probe:
-    return Probe("p", "knowledge", "early", "Q?", **{k: tuple(v) for k, v in rules.items()})  # type: ignore[arg-type]
+    fields = {k: (v if k == "reject_years_after" else tuple(tuple(g) if isinstance(g, list) else g for g in v))
+              for k, v in rules.items()}
+    return Probe("p", "knowledge", "early", "Q?", **fields)  # type: ignore[arg-type]
 
 
 def test_phrase_rules_any_all_none() -> None:
@@ -81,7 +83,13 @@ def test_phrase_rules_any_all_none() -> None:
     assert any("missing: '1878'" in r for r in failed.reasons)
     assert any("contains rejected: 'Vienna'" in r for r in failed.reasons)
     assert not score_probe(rules, "Born in 1878 somewhere.").passed  # none of expect_any
-    assert score_probe(probe(reject_any=["AI"]), "").passed  # only a reject rule: empty passes
+    assert score_probe(probe(reject_any=["AI"]), "I am here.").passed  # only a reject rule
+    assert not score_probe(probe(reject_any=["AI"]), "").passed  # but an empty answer is no answer
+    groups = probe(expect_groups=[["Graz", "Styria"], ["I", "my"]], reject_years_after=1900)
+    assert score_probe(groups, "My home was Graz.").passed
+    assert not score_probe(groups, "Graz, of course.").passed  # one group unmatched
+    assert not score_probe(groups, "I moved from Graz in 1905.").passed  # a year after 1900
+    assert score_probe(groups, "I moved from Graz in 1896.").passed
 
 
 def test_phrases_match_whole_words_case_insensitively_and_cjk_substrings() -> None:
@@ -114,24 +122,14 @@ def test_user_file_scored_per_kind_with_failures_listed(tmp_path: Path) -> None:
     assert rates["identity_break"]["mean"] == 1.0 and rates["corrected_false_premises"] is None
 
 
-def test_default_probes_cover_kinds_from_the_heldout_split(project_dir: Path) -> None:
-    from eval_helpers import samples_for
-
-    from persllm.config import load_project
-    from persllm.eval.defaults import default_probes
-    from persllm.ingest import ingest
-
-    project = load_project(project_dir)
-    passages, _ = ingest(project)
-    samples = samples_for(passages)
-    probes = default_probes(project, samples, passages, limit=40)
-    kinds = {p.kind for p in probes}
-    assert kinds == {"knowledge", "temporal", "induction", "identity", "stance"}
-    assert len({p.id for p in probes}) == len(probes)
-    temporal = [p for p in probes if p.kind == "temporal"]
-    assert all("telephone" not in p.question for p in temporal)  # used in a training question
-    assert any("the Internet" in p.question for p in temporal)  # held-out after_time sample
-    knowledge = next(p for p in probes if p.kind == "knowledge" and p.meta.get("sample_id"))
-    assert "Otto Berger" in knowledge.expect_any
-    small = default_probes(project, samples, passages, limit=5)
-    assert len(small) == 5 and len({p.kind for p in small}) == 5  # balanced over kinds
+def test_groups_and_years_round_trip_through_the_file_format(tmp_path: Path) -> None:
+    path = write(tmp_path, [good(expect_any=[], expect_groups=[["Graz"], ["I", "my"]], reject_years_after=1900),
+                            good(id="p2", expect_groups=[[]]), good(id="p3", reject_years_after="1900")])
+    with pytest.raises(DataError) as info:
+        load_probes(path, STAGES)
+    assert ":2: 'expect_groups' must be a list of non-empty lists" in str(info.value)
+    assert ":3: 'reject_years_after' must be a year" in str(info.value)
+    path = write(tmp_path, [good(expect_any=[], expect_groups=[["Graz"], ["I", "my"]], reject_years_after=1900)])
+    loaded = load_probes(path, STAGES)[0]
+    assert loaded.expect_groups == (("Graz",), ("I", "my")) and loaded.reject_years_after == 1900
+    assert load_probes(write(tmp_path, [json.dumps(probe_to_json(loaded))]), STAGES)[0] == loaded

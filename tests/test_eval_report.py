@@ -54,7 +54,9 @@ def test_outputs_and_stats(evaluated: dict[str, Any]) -> None:
     for name in ("report.json", "report.html", "answers.jsonl", "verdicts.jsonl", "probes.jsonl"):
         assert (out / name).is_file(), name
     assert set(stats["per_model"]) == {"base", "sft"}
-    assert "probes base" in headline(stats) and "sft" in headline(stats)
+    line = headline(stats)
+    n = stats["per_model"]["base"]["probe_n"]
+    assert f"probes (n={n}) base" in line and "sft vs base" in line and "McNemar p=" in line, line
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert {a["model"] for a in answers} == {"base", "sft"}
     assert all("seed" in a and a["text"] is not None for a in answers)
@@ -76,8 +78,22 @@ def test_report_covers_every_criterion(evaluated: dict[str, Any]) -> None:
     probes = report["probes"]["models"]["base"]
     assert {"knowledge", "identity"} <= set(probes["by_kind"])
     assert all({"answer", "reasons", "question"} <= set(f) for f in probes["failures"])
-    assert set(report["anti_induction"]["models"]["base"]) == {"corrected_false_premises", "cannot_know_after_stage",
-                                                               "identity_break"}
+    assert set(report["anti_induction"]["models"]["base"]) == {
+        "corrected_false_premises", "cannot_know_after_stage", "not_there_long_before", "recalls_own_past",
+        "earlier_stage_kept", "identity_break"}
+    paired = report["probes"]["paired"]
+    assert [(x["a"], x["b"]) for x in paired] == [("base", "sft")]
+    shared = [k for k in probes["results"] if k in report["probes"]["models"]["sft"]["results"]]
+    assert paired[0]["n"] == len(shared) == len(report["probes"]["models"]["sft"]["results"])
+    assert paired[0]["difference"]["low"] <= paired[0]["difference"]["mean"] <= paired[0]["difference"]["high"]
+    assert 0 <= paired[0]["p_value"] <= 1
+    assert probes["overall"]["low"] is not None and probes["overall"]["n"] == len(probes["results"])
+    # The tiny base model has only persllm's template: the base baseline is prompted few-shot, and says so.
+    prompting = {m["name"]: m["prompting"] for m in report["models"]}
+    assert prompting["base"].startswith("few-shot") and prompting["sft"].startswith("chat template")
+    fmt = report["format"]["models"]["sft"]
+    assert fmt["rate"]["n"] == len(probes["results"]) + report["data"]["heldout_questions"]
+    assert sum(fmt["counts"].values()) >= fmt["rate"]["mean"] * fmt["rate"]["n"] - 1e-9
     ipip = report["ipip"]
     assert ipip["targets"]["early"]["profile"] == {"O": 4.0, "C": 3.0, "E": 2.0, "A": 4.0, "N": 2.0}
     stage = ipip["models"]["sft"]["stages"]["early"]
@@ -93,8 +109,8 @@ def test_report_covers_every_criterion(evaluated: dict[str, Any]) -> None:
     ranking = report["ranking"]
     assert ranking["pairs"][0]["ties"] > 0 and ranking["pairs"][0]["a_wins"] == 0  # position bias cancelled
     rows = summary_rows(report)
-    assert {r[1] for r in rows} >= {"probes", "distinction (BLEU)", "anti-induction", "Big Five", "precision",
-                                    "ranking"}
+    assert {r[1] for r in rows} >= {"probes", "off format", "paired probes", "distinction (BLEU)", "anti-induction",
+                                    "Big Five", "precision", "ranking"}
     assert all(len(r) == 3 for r in rows)
 
 
@@ -114,5 +130,6 @@ def test_html_opens_in_headless_chromium_without_errors(evaluated: dict[str, Any
     assert all(n == 1 for n in sections.values()), sections
     assert svgs >= 6
     assert "Judge: fake" in text and "seeds 42, 43" in text
-    for title in ("Distinction", "Probes", "Anti-induction", "IPIP-NEO-120", "Precision", "Ranking"):
+    for title in ("Distinction", "Probes", "Anti-induction", "IPIP-NEO-120", "Precision", "Ranking",
+                  "Paired comparisons on the same probes", "Answer format", "few-shot"):
         assert title in text

@@ -92,16 +92,23 @@ class Session:
 
 
 class AnswerFilter:
-    """Streams only the response part: text before '[Response]' is held back (and dropped) unless shown."""
+    """Streams only the response part: text before '[Response]' is held back (and dropped) unless shown, and a
+    second tag after the response (a model starting another '[Analysis]') ends what is shown."""
 
     def __init__(self, show_analysis: bool) -> None:
         self.show = show_analysis
         self.buffer = ""
         self.passing = show_analysis
         self.started = show_analysis  # once True, text passes unchanged (no more stripping after the tag)
+        self.pending = ""  # shown text held back because it may be the start of a tag
+        self.closed = False
 
     def feed(self, piece: str) -> str:
         """Text to display now."""
+        if self.show:
+            return piece
+        if self.closed:
+            return ""
         if not self.passing:
             self.buffer += piece
             marker = self.buffer.lower().find(template.RESPONSE_TAG.lower())
@@ -113,10 +120,33 @@ class AnswerFilter:
         if not self.started:
             piece = piece.lstrip(" :\n")
             self.started = bool(piece)
-        return piece
+        return self._cut(piece)
+
+    def _cut(self, piece: str) -> str:
+        """Text up to a tag (which closes the answer), holding back a tail that could still become one."""
+        text = self.pending + piece
+        self.pending = ""
+        lowered = text.lower()
+        found = [i for i in (lowered.find(t.lower()) for t in _TAGS) if i >= 0]
+        if found:
+            self.closed = True
+            return text[: min(found)].rstrip()
+        bracket = text.rfind("[")
+        if bracket >= 0 and any(t.lower().startswith(lowered[bracket:]) for t in _TAGS):
+            self.pending = text[bracket:]
+            return text[:bracket]
+        return text
 
     def finish(self) -> str:
         """Whatever is left: a reply without tags is shown whole rather than lost."""
-        if self.passing or not self.buffer:
+        if self.show:
+            return ""
+        if self.passing:
+            held, self.pending = ("" if self.closed else self.pending), ""
+            return held
+        if not self.buffer:
             return ""
         return template.visible_answer(self.buffer)
+
+
+_TAGS = (template.ANALYSIS_TAG, template.RESPONSE_TAG)

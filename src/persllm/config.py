@@ -18,6 +18,7 @@ from persllm.errors import ConfigError
 
 PROJECT_FILE = "persona.yaml"
 STAGE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+TARGET_LABELS = ("high", "low")  # eval.target labels: which side of the scale's midpoint (3) a domain lies on
 
 
 @dataclass
@@ -213,12 +214,15 @@ class EvalConfig:
 
     models: list[str] = field(default_factory=lambda: ["base", "sft", "dpo"])
     """Models under test: base, rag, sft, dpo, or an endpoint spec such as openai:gpt-4o-mini."""
-    max_probes: int = 60
-    """Most probes generated from the held-out data."""
+    max_probes: int = 80
+    """Most probes generated from the held-out data (at least 60 are needed to detect a 0.3 difference)."""
     max_new_tokens: int = 160
     """Generation budget per answer."""
     probes: str = ""
     """Extra probe file (JSONL) scored in addition to the generated probes."""
+    interview: str = ""
+    """Interview file (JSON list or JSONL of questions, relative to the project directory) answered by every model and
+    rated 1-7 by the judge on the Character-LLM rubric; see docs/interviews.md."""
     heldout_questions: int = 20
     """Most held-out (test split) questions per stage for distinction, precision and ranking."""
     temperature: float = 0.7
@@ -236,8 +240,9 @@ class EvalConfig:
     """Stage ids at which the inventory is administered; empty = every stage; "first"/"last" name those stages."""
     ipip_interview_items: int = 30
     """Items also asked as open interview questions and rated by the judge (0 = none; spread over the 30 facets)."""
-    target: dict[str, dict[str, float]] = field(default_factory=dict)
-    """Target Big Five profile per stage id: domain letter (O, C, E, A, N) -> mean on the 1-5 scale."""
+    target: dict[str, dict[str, float | str]] = field(default_factory=dict)
+    """Target Big Five profile per stage id: domain letter (O, C, E, A, N) -> mean on the 1-5 scale, or the label
+    "high" or "low" (InCharacter dimension accuracy)."""
     target_from_teacher: bool = True
     """Without a target, let the teacher estimate one per stage from the material."""
     judge_items: int = 40
@@ -250,18 +255,28 @@ class EvalConfig:
     """Judge output budget per verdict."""
     embedding_model: str = ""
     """sentence-transformers model for embedding-based distinction (empty = construct.embedding_model, else skipped)."""
+    base_prompting: str = "auto"
+    """How the base and rag baselines are prompted: chat (the persona template), few_shot (a plain-text transcript
+    with training-split examples) or auto (few_shot for a base model without a chat template of its own)."""
 
     def __post_init__(self) -> None:
         for name in ("max_probes", "heldout_questions", "ipip_interview_items", "judge_items", "judge_retries"):
             if getattr(self, name) < 0:
                 raise ValueError(f"eval.{name} must not be negative, got {getattr(self, name)}")
+        if self.base_prompting not in ("auto", "chat", "few_shot"):
+            raise ValueError(f"eval.base_prompting must be auto, chat or few_shot, got {self.base_prompting!r}")
         if self.judge_repeats < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("eval.judge_repeats, eval.batch_size and eval.max_new_tokens must be at least 1")
         for stage, profile in self.target.items():
             for domain, value in profile.items():
                 if domain not in ("O", "C", "E", "A", "N"):
                     raise ValueError(f"eval.target.{stage}: unknown domain {domain!r}; use O, C, E, A, N")
-                if not 1.0 <= float(value) <= 5.0:
+                if isinstance(value, str):
+                    if value.strip().lower() not in TARGET_LABELS:
+                        raise ValueError(f"eval.target.{stage}.{domain}: {value!r} is neither a number 1-5 nor a "
+                                         f"label; use {' or '.join(TARGET_LABELS)} (any case), or a mean such as 3.5")
+                    profile[domain] = value.strip().lower()
+                elif not 1.0 <= float(value) <= 5.0:
                     raise ValueError(f"eval.target.{stage}.{domain}: {value} is outside the 1-5 scale")
 
 
@@ -333,7 +348,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # eval: per model one decoding pass (~26 rows x 40 tokens, ~16 s), one IPIP pass per stage (~5 s each) and
         # one scoring pass on 2 idle cores; with loading and ~12 embedded-judge calls about 2 minutes for base, sft
         # and dpo (measured 35 s for base alone).
-        "eval": {"max_probes": 10, "max_new_tokens": 40, "heldout_questions": 2, "think": False,
+        "eval": {"max_probes": 30, "max_new_tokens": 40, "heldout_questions": 2, "think": False,
                  "ipip_interview_items": 0, "judge_items": 1, "judge_repeats": 1, "judge_retries": 0,
                  "judge_max_tokens": 24},
     },
@@ -493,7 +508,12 @@ def _convert(hint: Any, value: Any, path: str, errors: list[str]) -> Any:
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _convert(options[0], value, path, errors)
+        for option in options[:-1]:  # e.g. float | str: the first type the value fits, else the last one's error
+            scratch: list[str] = []
+            converted = _convert(option, value, path, scratch)
+            if not scratch:
+                return converted
+        return _convert(options[-1], value, path, errors)
     if dataclasses.is_dataclass(hint):
         built = _build(hint, value, path, errors)
         return _INVALID if built is None else built

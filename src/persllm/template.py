@@ -125,23 +125,32 @@ def format_answer(analysis: str, response: str, keep_cot: bool = True) -> str:
 
 _RESPONSE_RE = re.compile(r"\[\s*response\s*\]\s*:?", re.IGNORECASE)
 _ANALYSIS_RE = re.compile(r"^\s*\[\s*analysis\s*\]\s*:?", re.IGNORECASE)
+_ANY_TAG_RE = re.compile(r"\[\s*(?:analysis|response)\s*\]", re.IGNORECASE)
 
 
 def split_answer(text: str) -> tuple[str, str]:
-    """Split model output into (analysis, response); text without tags is all response."""
+    """Split model output into (analysis, response); text without tags is all response.
+
+    The response ends at the next tag: a model that starts a second "[Analysis]" after answering has left the
+    format, and what follows is not part of the answer.
+    """
     match = _RESPONSE_RE.search(text)
     if match is None:
         if _ANALYSIS_RE.match(text):
             return _ANALYSIS_RE.sub("", text, count=1).strip(), ""
         return "", text.strip()
     analysis = _ANALYSIS_RE.sub("", text[: match.start()], count=1).strip()
-    return analysis, text[match.end():].strip()
+    rest = text[match.end():]
+    after = _ANY_TAG_RE.search(rest)
+    return analysis, (rest[: after.start()] if after else rest).strip()
 
 
 def visible_answer(text: str) -> str:
-    """What a user sees: the response without the analysis (or the raw text if no response was produced)."""
-    analysis, response = split_answer(text)
-    return response if response else (analysis or text.strip())
+    """What a user sees: the response without the analysis; an analysis that never reached [Response] shows nothing.
+
+    Text without any tag (a model not trained on the format) is shown whole.
+    """
+    return split_answer(text)[1]
 
 
 def render(messages: Sequence[Message], start: str = TURN_MARKERS[0][0], end: str = TURN_MARKERS[0][1],

@@ -82,7 +82,8 @@ class PreferencePair:
 
 @dataclass(frozen=True, slots=True)
 class Probe:
-    """An evaluation probe scored by phrase rules (pass = any expect_any, all expect_all, no reject_any)."""
+    """An evaluation probe scored by phrase rules (docs/probes.md): any expect_any, all expect_all, one phrase of
+    every expect_groups group, no reject_any, no year after reject_years_after; garbage answers never pass."""
 
     id: str
     kind: str
@@ -92,6 +93,8 @@ class Probe:
     expect_all: tuple[str, ...] = ()
     reject_any: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
+    expect_groups: tuple[tuple[str, ...], ...] = ()
+    reject_years_after: int | None = None
 
 
 def stable_id(*parts: object, length: int = 16) -> str:

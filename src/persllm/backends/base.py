@@ -35,6 +35,7 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached: bool = False
+    model: str = ""  # the model id the server reported (OpenAI `model` field; the GGUF file name for llama.cpp)
 
 
 @dataclass

@@ -34,22 +34,30 @@ class CachedBackend:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, text TEXT, finish TEXT, "
                          "prompt_tokens INT, completion_tokens INT)")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(responses)")}
+        if "model" not in columns:  # caches written before reported model ids were kept
+            try:
+                self._db.execute("ALTER TABLE responses ADD COLUMN model TEXT DEFAULT ''")
+                self._db.commit()
+            except sqlite3.OperationalError:  # another process added it between our check and our ALTER
+                pass
         self._lock = threading.Lock()
 
     def _get(self, key: str) -> Completion | None:
         with self._lock:
-            row = self._db.execute("SELECT text, finish, prompt_tokens, completion_tokens FROM responses WHERE key=?",
-                                   (key,)).fetchone()
+            row = self._db.execute("SELECT text, finish, prompt_tokens, completion_tokens, model FROM responses "
+                                   "WHERE key=?", (key,)).fetchone()
         if row is None:
             return None
         return Completion(text=row[0], finish_reason=row[1], prompt_tokens=row[2], completion_tokens=row[3],
-                          cached=True)
+                          cached=True, model=row[4] or "")
 
     def _put(self, key: str, completion: Completion) -> None:
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
+            self._db.execute("INSERT OR REPLACE INTO responses (key, text, finish, prompt_tokens, completion_tokens, "
+                             "model) VALUES (?, ?, ?, ?, ?, ?)",
                              (key, completion.text, completion.finish_reason, completion.prompt_tokens,
-                              completion.completion_tokens))
+                              completion.completion_tokens, completion.model))
             self._db.commit()
 
     def forget(self, request: Request, params: GenParams = GenParams()) -> None:

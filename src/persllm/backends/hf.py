@@ -34,6 +34,9 @@ class HFBackend:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tok_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model
         self.tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
+        # A base model never trained on a chat format gets persllm's template here (or got it when converted from
+        # GGUF); prompting it through that template is a strawman baseline, so eval gives it a few-shot prompt.
+        self.own_chat_template = has_own_chat_template(self.tokenizer)
         added = prepare_tokenizer(self.tokenizer)
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32  # bf16 is ~10x slower on AVX2 CPUs
         self.model = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype)
@@ -369,3 +372,14 @@ def merge_adapters(model: Any, adapters: Sequence[Path]) -> Any:
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     return model
 
+
+def has_own_chat_template(tokenizer: Any) -> bool:
+    """True if the tokenizer ships a chat template of its own (not none, and not the one persllm adds)."""
+    from persllm import template
+
+    current = getattr(tokenizer, "chat_template", None)
+    if not current:
+        return False
+    ours = {template.chat_template(start, end, training=t) for start, end in template.TURN_MARKERS
+            for t in (True, False)}
+    return current not in ours

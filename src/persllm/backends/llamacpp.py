@@ -70,6 +70,7 @@ class LlamaCpp:
             raise ConfigError(f"GGUF file not found: {path}")
         check_build(path)
         self.name = f"llamacpp:{path.name}"
+        self.model_file = path.name  # llama-cpp-python reports the full path as `model`; the file name is the id
         self.usage = Usage()
         self.n_ctx = n_ctx
         self._lock = threading.Lock()
@@ -91,7 +92,7 @@ class LlamaCpp:
         usage = out.get("usage") or {}
         completion = Completion(text=text, finish_reason=choice.get("finish_reason") or "stop",
                                 prompt_tokens=usage.get("prompt_tokens", 0),
-                                completion_tokens=usage.get("completion_tokens", 0))
+                                completion_tokens=usage.get("completion_tokens", 0), model=self.model_file)
         self.usage.add(completion, time.monotonic() - started)
         return completion
 

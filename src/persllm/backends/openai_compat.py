@@ -149,7 +149,8 @@ class OpenAICompatible:
         usage = data.get("usage") or {}
         return Completion(text=text, finish_reason=choice.get("finish_reason") or "stop",
                           prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                          completion_tokens=int(usage.get("completion_tokens") or 0))
+                          completion_tokens=int(usage.get("completion_tokens") or 0),
+                          model=str(data.get("model") or ""))
 
     def _wait_for_pause(self) -> None:
         delay = self._pause_until - time.monotonic()

@@ -1,4 +1,4 @@
-"""Stage commands: init, ingest, construct, train, eval, run, export."""
+"""Stage commands: init, ingest, construct, train, eval, run, export, and compare for eval reports."""
 
 from __future__ import annotations
 
@@ -94,15 +94,19 @@ def train(project: Path, preset: str | None, overrides: Sequence[str], output: P
                                               "openai:gpt-4o-mini (default from eval.models).")
 @click.option("--probes", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Extra probe file (JSONL) to score.")
+@click.option("--interview", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Interview questions (JSON list or JSONL) rated 1-7 by the judge; see docs/interviews.md.")
 @click.option("--force", is_flag=True, help="Re-evaluate even if the report is current.")
 def eval_(project: Path, preset: str | None, overrides: Sequence[str], output: Path | None, models: str | None,
-          probes: Path | None, force: bool) -> None:
+          probes: Path | None, interview: Path | None, force: bool) -> None:
     """Evaluate the prompted base model and the tuned models; write report.json and report.html."""
     extra = list(overrides)
     if models:
         extra.append("eval.models=[" + ",".join(f'"{m.strip()}"' for m in models.split(",") if m.strip()) + "]")
     if probes:
         extra.append(f"eval.probes={probes.resolve()}")
+    if interview:
+        extra.append(f"eval.interview={interview.resolve()}")
     _run_stages(load(project, preset, extra, output), ["eval"], force, force_only="eval", needs_upstream=True)
 
 
@@ -134,6 +138,39 @@ def _run_stages(project: Any, stages: list[str], force: bool, force_only: str | 
     console.print(summary_table("Summary", rows, ["stage", "status", "time", "result"]))
     if "eval" in stages:
         _print_eval(pipeline.workspace(project).stage_dir("eval"))
+
+
+@cli.command()
+@click.argument("report_a", type=click.Path(path_type=Path, exists=True))
+@click.argument("report_b", type=click.Path(path_type=Path, exists=True))
+def compare(report_a: Path, report_b: Path) -> None:
+    """Two eval reports side by side (report.json files or project directories), judge differences first.
+
+    Prints each model's probe pass rate, perplexity and judged scores from both reports; when the judge's spec, the
+    model id its endpoint reported or the judge prompt version differ, says so before any number."""
+    from persllm.eval.compare import NOT_COMPARABLE, compare_rows, judge_differences, load_report, unverified
+
+    a, b = load_report(report_a), load_report(report_b)
+    differences = judge_differences(a, b)
+    if differences:
+        console.print(f"[bold red]judge differs:[/bold red] {escape('; '.join(differences))} — {NOT_COMPARABLE}",
+                      soft_wrap=True)
+    for note in unverified(a, b):
+        console.print(f"note: {escape(note)}", soft_wrap=True)
+    for name, report, path in (("A", a, report_a), ("B", b, report_b)):
+        judge = report["judge"]
+        console.print(f"{name}: {escape(str(path))} · {escape(str(report.get('persona')))} · "
+                      f"{escape(str(report.get('created')))} · judge {escape(_judge_line(judge))}", soft_wrap=True)
+    rows = [[escape(c) for c in row] for row in compare_rows(a, b)]
+    console.print(summary_table("Comparison", rows, ["model", "measure", "A", "B"]))
+
+
+def _judge_line(judge: dict[str, Any]) -> str:
+    if not judge.get("enabled"):
+        return "none"
+    reported = judge.get("reported_model")
+    shown = ", ".join(reported) if isinstance(reported, list) else reported or "no reported id"
+    return f"{judge.get('model')} (reported {shown}, prompts {judge.get('prompt_version')})"
 
 
 def _print_eval(eval_dir: Path) -> None:

@@ -34,7 +34,7 @@ from persllm.construct.plan import Slot
 from persllm.construct.records import Answer, Draft, GeneralItem, Question
 from persllm.construct.retrieval import Context, Retriever
 from persllm.construct.validate import Reject
-from persllm.construct.views import View, find_views, second_person, strip_conjunction
+from persllm.construct.views import View, find_views, quotable, second_person, strip_conjunction
 from persllm.data import anachronisms, later_terms
 from persllm.prompts import Prompts, fill
 from persllm.types import Passage, stable_id
@@ -201,7 +201,7 @@ class GroundedMethod:
             if view.negated:
                 side = {"holds": "rejects_mild", "doubts": "leans", "rejects": "insists"}[side]
             text = self._fill_choice(f"grounded.opinion.direct.{side}", rng, p=view.proposition)
-        elif _quotable(view.sentence, self.lang):
+        elif quotable(view.sentence, self.lang):
             text = self._fill_choice(f"grounded.opinion.reported.{relation}", rng,
                                      view=second_person(view.sentence, self.lang, self.material))
         else:
@@ -688,13 +688,6 @@ def _self_contained(sentence: str, passage: Passage) -> bool:
     if re.match(r"^(?:It|They|This|These|Those|There|Such|Both|Here|The two|Neither)\b", sentence):
         return False
     return not re.match(r"^\W*\w+(?:\s+[\w'’]+){0,3}\s+(?:them|it|these|those|this)\b", sentence)
-
-
-def _quotable(sentence: str, language: str) -> bool:
-    """A view the user can repeat back: short, one clause chain, no quotation or list inside."""
-    if language == "zh":  # a Chinese view keeps its quoted words: “左翼”作家 is not a quotation of someone else
-        return T.count_tokens(sentence) <= 60
-    return T.count_tokens(sentence) <= 30 and not re.search(r"[\"“”:;]", sentence)
 
 
 def _fresh(facts: list[Fact], budget: Q.SentenceBudget | None) -> list[Fact]:

@@ -107,6 +107,13 @@ def _proposition(sentence: str, zh: bool) -> tuple[str, bool]:
     return p[:1].lower() + p[1:] if not re.match(r"[A-Z][a-z]+\s+[A-Z]|I\b", p) else p, bool(match.group("neg"))
 
 
+def quotable(sentence: str, language: str) -> bool:
+    """A view the user can repeat back: short, one clause chain, no quotation or list inside."""
+    if language == "zh":  # a Chinese view keeps its quoted words: “左翼”作家 is not a quotation of someone else
+        return T.count_tokens(sentence) <= 60
+    return T.count_tokens(sentence) <= 30 and not re.search(r"[\"“”:;]", sentence)
+
+
 def second_person(sentence: str, language: str, material: str = "") -> str:
     """The persona's first-person sentence as the user would repeat it to them ('I think' -> 'you think'), with
     its first word lowercased unless the material writes it capitalised mid-sentence (a name)."""

@@ -18,10 +18,11 @@ from persllm import template
 from persllm.backends import Backend
 from persllm.config import Project, resolved_dict
 from persllm.errors import ConfigError, DataError, PersllmError
+from persllm.eval import interview as interviews
 from persllm.eval import ipip, judging
 from persllm.eval.criteria import Embed
 from persllm.eval.defaults import default_probes
-from persllm.eval.generate import Decoding, RagIndex, resolve_models
+from persllm.eval.generate import Decoding, FewShot, RagIndex, few_shot_examples, resolve_models
 from persllm.eval.judge import Judge
 from persllm.eval.judging import Judges
 from persllm.eval.probes import load_probes, probe_to_json
@@ -88,6 +89,8 @@ def fingerprint_config(project: Project) -> dict[str, Any]:
 
     probe_file = Path(project.eval.probes) if project.eval.probes else None
     digest = file_sha256(probe_file) if probe_file and probe_file.is_file() else ""
+    interview_file = interviews.interview_path(project)  # edited questions change every interview score
+    interview_digest = file_sha256(interview_file) if interview_file and interview_file.is_file() else ""
     peers: dict[str, dict[str, str]] = {}
     for entry in project.peers:  # a peer's newly trained adapter changes the inter scores
         try:
@@ -97,7 +100,8 @@ def fingerprint_config(project: Project) -> dict[str, Any]:
         peers[entry] = {v: m.digest for v in TUNED if (m := peer_ws.manifest(v)) is not None}
     judge_spec = project.judge or project.teacher
     return {"eval": resolved_dict(project.eval), "judge": judge_spec.spec, "teacher": project.teacher.spec,
-            "seed": project.seed, "peers": peers, "probe_file": digest, "keep_cot": project.sft.keep_cot,
+            "seed": project.seed, "peers": peers, "probe_file": digest, "interview_file": interview_digest,
+            "keep_cot": project.sft.keep_cot,
             "temporal_labels": project.sft.temporal_labels, "version": "1"}
 
 
@@ -110,10 +114,25 @@ def _plan(project: Project, samples: Sequence[Sample], passages: Sequence[Passag
     taken = {p.id for p in generated}
     probes = generated + [p for p in extra if p.id not in taken]
     interview = ipip.interview_items(project.language, cfg.ipip_interview_items) if cfg.judge_items else []
+    interview_file = interviews.interview_path(project)
+    # The file is validated even without a judge (a broken file fails now), but only asked when it will be scored.
+    questions = interviews.load_interview(interview_file, stage_ids) if interview_file else []
     return Plan(probes=probes, heldout=_heldout(samples, stage_ids, cfg.heldout_questions),
                 words=_words(samples, passages, cfg.heldout_questions), ipip_stages=ipip_stages,
                 interview=interview if cfg.ipip else [], user_probes=len(probes) - len(generated),
-                decoding=Decoding(cfg.max_new_tokens, cfg.temperature, project.seed, _answer_prefix(project)))
+                questions=questions if cfg.judge_items else [],
+                few_shot=_few_shot(project, samples, passages),
+                decoding=Decoding(cfg.max_new_tokens, cfg.temperature, project.seed, _answer_prefix(project),
+                                  project.language))
+
+
+def _few_shot(project: Project, samples: Sequence[Sample], passages: Sequence[Passage]) -> FewShot:
+    """Training-split examples per stage for the few-shot baseline, and the pronoun the material uses."""
+    from persllm.construct import facts as F
+
+    ref = F.persona_ref(project.name, project.language, [p.text for p in passages if p.kind == "knowledge"],
+                        project.aliases)
+    return FewShot({s.id: few_shot_examples(samples, s.id) for s in project.stages}, ref.pronoun)
 
 
 def _answer_prefix(project: Project) -> str:
@@ -199,7 +218,7 @@ def _open_judges(project: Project, ws: Workspace, plan: Plan, judge: Backend | N
 
 def _judge_all(project: Project, judges: Judges, runs: dict[str, ModelRun], plan: Plan,
                passages: Sequence[Passage], progress: Progress) -> dict[str, Any]:
-    """Every judged criterion: accuracy, probe references, pairwise ranking, IPIP interviews, Big Five targets."""
+    """Every judged criterion: accuracy, probe references, ranking, IPIP and file interviews, Big Five targets."""
     from persllm.prompts import load_prompts
 
     cfg = project.eval
@@ -215,6 +234,8 @@ def _judge_all(project: Project, judges: Judges, runs: dict[str, ModelRun], plan
         out["pairwise"] = j.run(judging.pairwise_tasks(project, models, plan.heldout, cfg.judge_items), progress,
                                 "judge ranking")
         out["ipip"] = j.run(judging.interview_tasks(project, models, plan), progress, "judge interviews")
+        out["interview"] = j.run(interviews.interview_tasks(project, prompts, models, plan, passages,
+                                                            cfg.judge_items), progress, "judge interview questions")
     if judges.teacher is not None:
         stages = [s for s in plan.ipip_stages if s not in cfg.target]
         out["target"] = judges.teacher.run(judging.target_tasks(project, passages, stages), progress,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from persllm.eval import ipip
 from persllm.eval.generate import Answer
 from persllm.eval.judge import Outcome
-from persllm.eval.metrics import cosine, mean_ci, rate_ci, rouge_l, symmetric_bleu
+from persllm.eval.metrics import cosine, mean_ci, paired, rate_ci, rouge_l, symmetric_bleu
 from persllm.eval.probes import score_probe
 from persllm.types import Probe, Sample
 
@@ -55,18 +56,25 @@ def _summarise(pairs: dict[str, dict[str, list[tuple[str, str]]]], measure: Call
     return {"by_stage": by_stage, "overall": overall}
 
 
-def probe_scores(answers: Sequence[Answer], probes: Sequence[Probe]) -> dict[str, Any]:
-    """Pass rates per kind (Wilson intervals), every failing answer, and identity-break counts."""
+def probe_scores(answers: Sequence[Answer], probes: Sequence[Probe],
+                 prompts: dict[str, tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Pass rates per kind (Wilson intervals), each probe's result, every failing answer, identity-break counts.
+
+    `prompts` maps a stage to its (system prompt, stage description), so an answer reciting them fails.
+    """
     index = by_key(answers)
     results: dict[str, list[bool]] = {}
     rejected: dict[str, list[bool]] = {}
+    passed: dict[str, bool] = {}
     failures, missing = [], 0
     for probe in probes:
         answer = index.get(f"probe/{probe.id}")
         if answer is None:
             missing += 1
             continue
-        result = score_probe(probe, answer.visible)
+        system, description = (prompts or {}).get(probe.stage, ("", ""))
+        result = score_probe(probe, answer.visible, system, description)
+        passed[probe.id] = result.passed
         results.setdefault(probe.kind, []).append(result.passed)
         rejected.setdefault(probe.kind, []).append(result.rejected)
         if not result.passed:
@@ -75,14 +83,72 @@ def probe_scores(answers: Sequence[Answer], probes: Sequence[Probe]) -> dict[str
     flat = [r for rs in results.values() for r in rs]
     return {"overall": _rate(flat), "by_kind": {k: _rate(v) for k, v in sorted(results.items())},
             "rejected_by_kind": {k: _rate(v) for k, v in sorted(rejected.items())},
-            "failures": failures, "missing": missing}
+            "results": passed, "failures": failures, "missing": missing}
 
 
 def anti_induction(scores: dict[str, Any]) -> dict[str, Any]:
-    """The three boundary rates, read off the probe results of one model."""
-    return {"corrected_false_premises": scores["by_kind"].get("induction"),
-            "cannot_know_after_stage": scores["by_kind"].get("temporal"),
+    """The boundary rates, read off the probe results of one model (TimeChara's temporal types included)."""
+    by_kind = scores["by_kind"]
+    return {"corrected_false_premises": by_kind.get("induction"),
+            "cannot_know_after_stage": by_kind.get("future") or by_kind.get("temporal"),
+            "not_there_long_before": by_kind.get("past_absence"),
+            "recalls_own_past": by_kind.get("past_presence"),
+            "earlier_stage_kept": by_kind.get("past_only"),
             "identity_break": scores["rejected_by_kind"].get("identity")}
+
+
+def paired_probes(scores: dict[str, dict[str, Any]], models: Sequence[str]) -> list[dict[str, Any]]:
+    """Every pair of models on the probes both answered: difference of pass rates (interval) and McNemar's p."""
+    out = []
+    for a, b in itertools.combinations(models, 2):
+        ra, rb = scores[a]["results"], scores[b]["results"]
+        shared = [k for k in ra if k in rb]
+        test = paired([ra[k] for k in shared], [rb[k] for k in shared])
+        out.append({"a": a, "b": b, **test.as_dict()})
+    return out
+
+
+# Openings of an analysis (persllm's own and the teacher prompts'): a visible answer starting so is analysis text.
+_ANALYSIS_OPENINGS = ("no false premise", "false premise", "relevant:", "what {name} knows", "{name} answers",
+                      "{name}'s own view", "the user ", "nothing in it is false", "this tries to make", "analysis:")
+
+
+def format_failures(answers: Sequence[Answer], keep_cot: bool, name: str, forced: str = "") -> dict[str, Any]:
+    """Share of greedy answers that leave the trained format: no end, analysis shown as the answer, tags out of place.
+
+    Counted per answer (probes and held-out questions): `no_stop` (the token budget ran out), `no_response`
+    (CoT format without a [Response]), `analysis_in_answer` (the visible answer opens like an analysis or a second
+    [Analysis] follows the response), `empty` (nothing visible).
+    """
+    from persllm import template
+
+    openings = tuple(o.format(name=name.lower()) for o in _ANALYSIS_OPENINGS)
+    counts = {"no_stop": 0, "no_response": 0, "analysis_in_answer": 0, "empty": 0}
+    failed, examples = [], []
+    for answer in answers:
+        if answer.error or answer.purpose not in ("probe", "heldout"):
+            continue
+        problems = []
+        if answer.finish == "length":
+            problems.append("no_stop")
+        raw = answer.text
+        tags = [m.group(0).lower() for m in re.finditer(r"\[\s*(?:analysis|response)\s*\]", raw, re.IGNORECASE)]
+        if keep_cot and template.RESPONSE_TAG.lower() not in [t.replace(" ", "") for t in tags]:
+            problems.append("no_response")
+        after = raw.lower().split(template.RESPONSE_TAG.lower(), 1)[1] if template.RESPONSE_TAG.lower() in \
+            raw.lower() else ""
+        if answer.visible.strip().lower().startswith(openings) or template.ANALYSIS_TAG.lower() in after:
+            problems.append("analysis_in_answer")
+        if not answer.visible.strip():
+            problems.append("empty")
+        for p in problems:
+            counts[p] += 1
+        failed.append(bool(problems))
+        if problems and len(examples) < 5:
+            examples.append({"key": answer.key, "problems": problems, "text": raw[:300]})
+    n = len(failed)
+    return {"rate": rate_ci(sum(failed), n).as_dict(), "counts": counts, "examples": examples, "forced_prefix": forced,
+            "applies": keep_cot}
 
 
 def rouge(answers: Sequence[Answer], heldout: Sequence[Sample]) -> dict[str, Any]:
@@ -163,3 +229,34 @@ def ipip_summary(admin: dict[str, Any], interview: dict[str, float] | None, lang
 
 def _rate(values: Sequence[bool]) -> dict[str, Any]:
     return rate_ci(sum(values), len(values)).as_dict() | {"passed": sum(values)}
+
+
+def target_side(value: float | str | None) -> str | None:
+    """Which side of the 1-5 scale's midpoint a target names: its label, or high above 3 and low below (3: none)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    return "high" if value > 3 else "low" if value < 3 else None
+
+
+def dimension_accuracy(measured: dict[str, float | None], target: dict[str, float | str] | None) -> dict[str, Any]:
+    """InCharacter dimension accuracy: the share of targeted domains whose measured side matches, Wilson interval.
+
+    A measured mean of exactly 3 sides with neither label, so it is a miss; a numeric target of exactly 3 names no
+    side and is not counted; a domain the administration could not measure is left out (and counted as unmeasured).
+    """
+    domains: dict[str, dict[str, Any]] = {}
+    unmeasured = 0
+    for d in ipip.DOMAINS:
+        want = target_side((target or {}).get(d))
+        if want is None:
+            continue
+        mean = measured.get(d)
+        if mean is None:
+            unmeasured += 1
+            continue
+        got = "high" if mean > 3 else "low" if mean < 3 else "middle"
+        domains[d] = {"target": want, "measured": round(mean, 3), "match": got == want}
+    hits = sum(1 for v in domains.values() if v["match"])
+    return rate_ci(hits, len(domains)).as_dict() | {"hits": hits, "unmeasured": unmeasured, "domains": domains}

@@ -19,7 +19,7 @@ from persllm.config import Project
 from persllm.construct.retrieval import Retriever
 from persllm.errors import BackendError, ConfigError
 from persllm.progress import Progress
-from persllm.types import Message, Passage
+from persllm.types import Message, Passage, Sample
 from persllm.variants import TUNED, spec_for
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class Ask:
     question: str
     messages: tuple[Message, ...]
     sample: int = 0  # 0 = greedy; 1, 2 = sampled answers
+    raw: str = ""  # a plain-text prompt used instead of the chat-rendered messages (few-shot baseline)
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,68 @@ def persona_messages(project: Project, stage: str, question: str, rag: RagIndex 
     return tuple(messages)
 
 
+FEW_SHOT = {
+    "en": {"header": "Below, {name} answers questions in {pronoun} own words, as in {label}.", "question": "Question: ",
+           "ends": ("\nQuestion:", "\n\n")},
+    "zh": {"header": "下面是{name}在{label}用自己的话回答问题。", "question": "问：", "ends": ("\n问：", "\n\n")},
+}
+FEW_SHOT_EXAMPLES = 3
+
+
+def few_shot_examples(samples: Sequence[Sample], stage: str, k: int = FEW_SHOT_EXAMPLES) -> list[Sample]:
+    """Short training-split answers of one stage, one kind after another (ordinary, opinion, induced)."""
+    pool = [s for s in samples if s.split == "train" and s.stage == stage and s.kind != "general" and s.response]
+    by_kind = {kind: sorted((s for s in pool if s.kind == kind), key=lambda s: (T.count_tokens(s.response), s.id))
+               for kind in ("ordinary", "opinion", "induced")}
+    chosen: list[Sample] = []
+    while len(chosen) < k and any(by_kind.values()):
+        for kind in by_kind:
+            if by_kind[kind] and len(chosen) < k:
+                chosen.append(by_kind[kind].pop(0))
+    return chosen
+
+
+@dataclass(frozen=True)
+class FewShot:
+    """The few-shot prompting of a base model without a chat template: examples per stage from the training split."""
+
+    examples: dict[str, list[Sample]]
+    pronoun: str = "they"  # how the material refers to the persona: she, he or they
+
+    def describe(self) -> str:
+        """How the baseline was prompted, for the report."""
+        counts = sorted({len(v) for v in self.examples.values()})
+        shown = "/".join(map(str, counts)) if counts else "0"
+        return (f"few-shot: a plain-text, in-character transcript with {shown} training-split answer(s) per stage "
+                "(the base model has no chat template of its own); the IPIP inventory is still asked through the chat "
+                "prompt")
+
+
+def few_shot_prompt(project: Project, stage: str, question: str, shots: FewShot, rag: RagIndex | None = None) -> str:
+    """A plain-text, in-character transcript a base model can continue: header, examples, then the question."""
+    lang = project.language if project.language in FEW_SHOT else "en"
+    form = FEW_SHOT[lang]
+    st = project.stage(stage)
+    examples = shots.examples.get(stage, [])
+    pronoun = {"she": "her", "he": "his"}.get(shots.pronoun, "their")
+    lines = [form["header"].format(name=project.name, label=st.label, pronoun=pronoun)]
+    if st.description.strip():
+        lines.append(st.description.strip())
+    block = rag.block(stage, question) if rag is not None else ""
+    parts = ["\n".join(lines)] + ([block] if block else [])
+    colon = "：" if lang == "zh" else ": "
+    parts += [f"{form['question']}{s.question.strip()}\n{project.name}{colon}{s.response.strip()}" for s in examples]
+    parts.append(f"{form['question']}{question.strip()}\n{project.name}{colon}".rstrip())
+    return "\n\n".join(parts)
+
+
+def cut_few_shot(text: str, language: str) -> tuple[str, bool]:
+    """The answer a few-shot continuation gives, cut where it starts the next question; (text, cut)."""
+    form = FEW_SHOT.get(language, FEW_SHOT["en"])
+    ends = [i for i in (text.find(e) for e in form["ends"]) if i >= 0]
+    return (text[: min(ends)].strip(), True) if ends else (text.strip(), False)
+
+
 @dataclass(frozen=True)
 class Decoding:
     """How answers are generated: greedy for sample 0, `temperature` for samples 1 and 2, all seeded."""
@@ -147,6 +210,7 @@ class Decoding:
     temperature: float
     seed: int
     prefix: str = ""  # forced start of local models' answers ("[Response]" skips the analysis)
+    language: str = "en"  # where a few-shot answer ends ("Question:" or "问：")
 
     def params(self, sample: int) -> GenParams:
         """Sampling settings of one answer (other backends: seed S for sample 1, S+1 for sample 2)."""
@@ -178,12 +242,18 @@ def _answer_local(model: ModelUnderTest, hf: HFBackend, asks: Sequence[Ask], dec
     extra pass pays every step again (measured: 24 rows x 12 tokens, 6.9 s in one pass, 6.2 s in two, and the gap
     turns the other way from ~20 tokens on).
     """
-    requests = [hf.render(list(a.messages)) + decoding.prefix for a in asks]
+    requests = [a.raw or hf.render(list(a.messages)) + decoding.prefix for a in asks]
     temperatures = [decoding.params(a.sample).temperature for a in asks]
     completions = hf.generate_rows(requests, temperatures, decoding.max_tokens, seed=decoding.seed)
     advance(len(asks))
-    return [_answer(model, a, decoding.prefix + c.text, c.finish_reason, "", decoding.seed, t)
-            for a, c, t in zip(asks, completions, temperatures)]
+    out = []
+    for a, c, t in zip(asks, completions, temperatures):
+        if a.raw:  # few-shot: the answer ends where the model starts the next "Question:"
+            text, cut = cut_few_shot(c.text, decoding.language)
+            out.append(_answer(model, a, text, "stop" if cut else c.finish_reason, "", decoding.seed, t))
+        else:
+            out.append(_answer(model, a, decoding.prefix + c.text, c.finish_reason, "", decoding.seed, t))
+    return out
 
 
 def _answer_group(model: ModelUnderTest, backend: Backend, asks: Sequence[Ask], params: GenParams,

@@ -59,7 +59,7 @@ def parse_profile(text: str) -> dict[str, float] | None:
 class Task:
     """One thing to judge."""
 
-    criterion: str  # accuracy | pairwise | ipip | target | probe
+    criterion: str  # accuracy | pairwise | ipip | target | probe | interview
     model: str  # the model under test the verdict is about ("" for targets)
     item_id: str
     prompt_key: str  # key under judge.* in the prompt files
@@ -133,6 +133,7 @@ class Judge:
             index = pending[sub]
             task = tasks[index]
             raw = "" if isinstance(result, BackendError) else result.text
+            reported = "" if isinstance(result, BackendError) else result.model
             value = None if isinstance(result, BackendError) else task.parser(raw)
             status = "error" if isinstance(result, BackendError) else ("ok" if value is not None else "unparseable")
             if value is None:
@@ -142,13 +143,23 @@ class Judge:
             self.records.append({"criterion": task.criterion, "model": task.model, "item_id": task.item_id,
                                  "repeat": repeat, "attempt": attempt, "judge": self.spec, "seed": params.seed,
                                  "temperature": params.temperature, "status": status, "value": value,
+                                 "reported_model": reported,
                                  "raw": raw[:2000] if raw else str(result)[:500]})
         return sorted(still)
 
+    def reported_models(self) -> list[str]:
+        """Distinct model ids the endpoint reported in its replies (empty when it reports none)."""
+        return sorted({r["reported_model"] for r in self.records if r.get("reported_model")})
+
     def describe(self) -> dict[str, Any]:
         """What the report records about the judge: model, prompts, sampling and repeats."""
-        keys = ("system", "accuracy", "pairwise", "ipip", "target")
+        rubric = self.prompts.data.get("judge", {}).get("interview_rubric", {})
+        keys = ("system", "accuracy", "pairwise", "ipip", "target", "interview",
+                *(f"interview_rubric.{d}" for d in rubric))
+        reported = self.reported_models()
         return {"model": self.spec, "prompt_version": self.prompts.version, "repeats": self.repeats,
+                # One id pins the judge; several mean the endpoint swapped models mid-run (a warning in the report).
+                "reported_model": reported[0] if len(reported) == 1 else (reported or None),
                 "retries": self.retries, "max_tokens": self.max_tokens,
                 "seeds": [self.params(r, 0).seed for r in range(self.repeats)],
                 "temperature": self.params(0, 0).temperature,

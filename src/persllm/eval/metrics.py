@@ -129,3 +129,62 @@ def cosine(a: Sequence[float], b: Sequence[float]) -> float:
     dot = sum(x * y for x, y in zip(a, b))
     norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
     return dot / norm if norm else 0.0
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Two models on the same items: B's pass rate minus A's with a 95% interval, and McNemar's exact p."""
+
+    n: int
+    a_rate: float | None
+    b_rate: float | None
+    difference: Estimate  # b - a
+    only_a: int  # items A passed and B failed
+    only_b: int
+    p_value: float | None  # two-sided exact McNemar test on the discordant items
+
+    def as_dict(self, digits: int = 3) -> dict[str, object]:
+        """Rounded plain dict for report.json."""
+        def r(x: float | None) -> float | None:
+            return None if x is None else round(x, digits)
+        return {"n": self.n, "a_rate": r(self.a_rate), "b_rate": r(self.b_rate),
+                "difference": self.difference.as_dict(digits), "only_a": self.only_a, "only_b": self.only_b,
+                "p_value": r(self.p_value) if self.p_value is None or self.p_value >= 10 ** -digits
+                else float(f"{self.p_value:.2g}")}
+
+
+def paired(a: Sequence[bool], b: Sequence[bool], z: float = 1.96) -> Paired:
+    """Compare two models' pass/fail on the same items (paired, so shared easy and hard items cancel out).
+
+    The interval is Newcombe's hybrid score interval for a difference of paired proportions (his method 10),
+    which keeps its coverage for small n and rates near 0 or 1, where the Wald interval does not.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired comparison needs the same items: {len(a)} != {len(b)}")
+    n = len(a)
+    if n == 0:
+        return Paired(0, None, None, Estimate(None, None, None, 0), 0, 0, None)
+    both = sum(1 for x, y in zip(a, b) if x and y)
+    only_a = sum(1 for x, y in zip(a, b) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    neither = n - both - only_a - only_b
+    p1, p2 = (both + only_a) / n, (both + only_b) / n
+    w1, w2 = rate_ci(both + only_a, n, z), rate_ci(both + only_b, n, z)
+    l1, u1, l2, u2 = w1.low or 0.0, w1.high or 0.0, w2.low or 0.0, w2.high or 0.0
+    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    phi = (both * neither - only_a * only_b) / math.sqrt(margins) if margins else 0.0
+    d = p2 - p1
+    delta = math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
+    epsilon = math.sqrt(max(0.0, (u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2))
+    interval = Estimate(d, max(-1.0, d - delta), min(1.0, d + epsilon), n)
+    return Paired(n, p1, p2, interval, only_a, only_b, mcnemar_exact(only_a, only_b))
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p: the discordant items split as a fair coin would (1.0 without any)."""
+    m = only_a + only_b
+    if m == 0:
+        return 1.0
+    k = min(only_a, only_b)
+    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m
+    return min(1.0, 2 * tail)

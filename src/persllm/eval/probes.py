@@ -1,8 +1,10 @@
 """Probe files (one JSON object per line), their validation, and case-insensitive phrase scoring.
 
-A probe passes when the answer contains at least one `expect_any` phrase (if any are given), every `expect_all`
-phrase, and no `reject_any` phrase. Phrases match case-insensitively on whole words for Latin text ('AI' does not
-match 'said'); in CJK text any substring matches. The format is documented in docs/probes.md.
+A probe passes when the answer is not garbage (empty, repeating itself, echoing the question or the system prompt,
+or a generic assistant reply) and contains at least one `expect_any` phrase (if any are given), every `expect_all`
+phrase, one phrase of every `expect_groups` group, no `reject_any` phrase and no year after `reject_years_after`.
+Phrases match case-insensitively on whole words for Latin text ('AI' does not match 'said'); in CJK text any
+substring matches. The format is documented in docs/probes.md.
 """
 
 from __future__ import annotations
@@ -11,16 +13,34 @@ import difflib
 import json
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from persllm import text as T
 from persllm.errors import DataError
 from persllm.types import Probe
 
-FIELDS = ("id", "kind", "stage", "question", "expect_any", "expect_all", "reject_any", "reference", "meta")
-RULES = ("expect_any", "expect_all", "reject_any")
+FIELDS = ("id", "kind", "stage", "question", "expect_any", "expect_all", "expect_groups", "reject_any",
+          "reject_years_after", "reference", "meta")
+RULES = ("expect_any", "expect_all", "reject_any")  # lists of phrases
+# Said by assistants, never by a person in character: an answer containing one of these is garbage for every probe.
+GENERIC_ASSISTANT = (
+    "as an ai", "as a language model", "as an assistant", "ai language model", "i'm an ai", "i am an ai",
+    "i am just an ai", "here to help", "how can i help", "how can i assist", "how may i assist", "happy to help",
+    "glad to help", "i don't have personal", "i do not have personal", "i cannot provide", "i can't provide",
+    "great question", "i hope this helps", "let me know if", "feel free to", "knowledge cutoff",
+    "i'm sorry, but i", "i apologize, but", "virtual assistant", "ai assistant", "openai",
+    "作为一个人工智能", "作为人工智能", "作为ai", "作为一个ai", "我是一个ai", "我是ai", "ai助手", "人工智能助手",
+    "语言模型", "很高兴为您", "有什么可以帮", "希望这对你有帮助", "希望对您有帮助", "我没有个人", "请随时", "我无法提供")
+_ECHO_QUESTION = 0.8  # share of the question's tokens repeated in one run: the answer is the question again
+# Tokens in one run shared with the system prompt's instructions (or, longer, with the stage description, which a
+# persona may rightly paraphrase): the answer recites its prompt. A CJK token is one character, so CJK runs are longer.
+_ECHO_PROMPT = {"instructions": (5, 8), "description": (10, 14)}
+_REPEAT_N, _REPEAT_TIMES = 6, 3
+_YEAR = re.compile(r"(?<!\d)(1\d{3}|20\d{2})(?!\d)")  # a token 6-gram seen 3 times in one short answer: the model loops
 _KIND = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _MAX_SHOWN = 20
 
@@ -95,12 +115,21 @@ def _check(data: Any, stages: Sequence[str]) -> list[str]:
         value = data.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
             errors.append(f"{key!r} must be a list of non-empty strings")
+    groups = data.get("expect_groups", [])
+    if not isinstance(groups, list) or not all(
+            isinstance(g, list) and g and all(isinstance(v, str) and v.strip() for v in g) for g in groups):
+        errors.append("'expect_groups' must be a list of non-empty lists of non-empty strings, e.g. "
+                      "[[\"Byron\", \"my father\"], [\"I\", \"my\"]]")
+    after = data.get("reject_years_after")
+    if after is not None and (isinstance(after, bool) or not isinstance(after, int)):
+        errors.append("'reject_years_after' must be a year (an integer), e.g. 1843")
     if "reference" in data and not isinstance(data["reference"], str):
         errors.append("'reference' must be a string")
     if "meta" in data and not isinstance(data["meta"], dict):
         errors.append("'meta' must be a JSON object")
-    if not errors and not any(data.get(k) for k in RULES) and not data.get("reference"):
-        errors.append("no rule: give at least one of expect_any, expect_all, reject_any (or a reference to judge)")
+    if not errors and not any(data.get(k) for k in (*RULES, "expect_groups")) and not data.get("reference"):
+        errors.append("no rule: give at least one of expect_any, expect_all, expect_groups, reject_any (or a "
+                      "reference to judge)")
     return errors
 
 
@@ -111,7 +140,9 @@ def probe_from_json(data: dict[str, Any], stages: Sequence[str]) -> Probe:
         meta["reference"] = data["reference"]
     return Probe(id=data["id"], kind=data["kind"], stage=data.get("stage") or stages[-1], question=data["question"],
                  expect_any=tuple(data.get("expect_any", [])), expect_all=tuple(data.get("expect_all", [])),
-                 reject_any=tuple(data.get("reject_any", [])), meta=meta)
+                 reject_any=tuple(data.get("reject_any", [])), meta=meta,
+                 expect_groups=tuple(tuple(g) for g in data.get("expect_groups", [])),
+                 reject_years_after=data.get("reject_years_after"))
 
 
 def probe_to_json(probe: Probe) -> dict[str, Any]:
@@ -121,6 +152,10 @@ def probe_to_json(probe: Probe) -> dict[str, Any]:
     for key in RULES:
         if getattr(probe, key):
             out[key] = list(getattr(probe, key))
+    if probe.expect_groups:
+        out["expect_groups"] = [list(g) for g in probe.expect_groups]
+    if probe.reject_years_after is not None:
+        out["reject_years_after"] = probe.reject_years_after
     if probe.meta.get("reference"):
         out["reference"] = probe.meta["reference"]
     if meta:
@@ -152,16 +187,85 @@ def contains(text: str, phrase: str) -> bool:
     return re.search(left + re.escape(needle) + right, normalize(text)) is not None
 
 
-def score_probe(probe: Probe, answer: str) -> ProbeResult:
-    """Apply a probe's phrase rules to the visible answer."""
-    reasons = []
+def score_probe(probe: Probe, answer: str, system_prompt: str = "", description: str = "") -> ProbeResult:
+    """Apply a probe's rules to the visible answer; garbage (see `garbage`) fails every probe."""
+    reasons = list(garbage(answer, probe.question, system_prompt, description))
     if probe.expect_any and not any(contains(answer, p) for p in probe.expect_any):
-        reasons.append("none of: " + ", ".join(repr(p) for p in probe.expect_any[:8])
-                       + (" ..." if len(probe.expect_any) > 8 else ""))
+        reasons.append("none of: " + _shown(probe.expect_any))
     missing = [p for p in probe.expect_all if not contains(answer, p)]
     if missing:
         reasons.append("missing: " + ", ".join(repr(p) for p in missing))
+    for group in probe.expect_groups:
+        if not any(contains(answer, p) for p in group):
+            reasons.append("none of: " + _shown(group))
     hits = [p for p in probe.reject_any if contains(answer, p)]
     if hits:
         reasons.append("contains rejected: " + ", ".join(repr(p) for p in hits))
+    if probe.reject_years_after is not None:
+        asked = set(_YEAR.findall(probe.question))  # "the 1911 Revolution" named back is no later knowledge
+        later = [y for y in _YEAR.findall(answer) if int(y) > probe.reject_years_after and y not in asked]
+        if later:
+            reasons.append(f"mentions {', '.join(dict.fromkeys(later))}, after {probe.reject_years_after}")
     return ProbeResult(probe.id, passed=not reasons, rejected=bool(hits), reasons=tuple(reasons))
+
+
+def garbage(answer: str, question: str, system_prompt: str = "", description: str = "") -> tuple[str, ...]:
+    """Why an answer is no answer at all: empty, looping, the question or the prompt echoed, or assistant talk.
+
+    `description` is the stage description inside `system_prompt`: echoing it takes a longer run than echoing
+    the instructions around it.
+    """
+    words = _words(answer)
+    if not words:
+        return ("empty answer",)
+    reasons = []
+    if _repeats(answer, words):
+        reasons.append("repeats itself")
+    asked = _words(question)
+    if len(asked) >= 4 and _longest_run(words, asked) >= _ECHO_QUESTION * len(asked):
+        reasons.append("echoes the question")
+    cjk = int(sum(map(_is_cjk_token, words)) > len(words) / 2)
+    parts = {"instructions": system_prompt.replace(description, " | ") if description else system_prompt,
+             "description": description}
+    if any(text and _longest_run(words, _words(text)) >= _ECHO_PROMPT[part][cjk] for part, text in parts.items()):
+        reasons.append("echoes the system prompt")
+    generic = [p for p in GENERIC_ASSISTANT if contains(answer, p)]
+    if generic:
+        reasons.append("generic assistant answer: " + ", ".join(repr(p) for p in generic[:3]))
+    return tuple(reasons)
+
+
+def _words(text: str) -> list[str]:
+    """Normalised tokens without punctuation (what echo and repetition are measured on)."""
+    return [t for t in T.tokens(normalize(text)) if re.search(r"\w", t) or t == "|"]
+
+
+def _is_cjk_token(token: str) -> bool:
+    return bool(re.match(f"[{_CJK_RANGES}]", token))
+
+
+def _repeats(answer: str, words: Sequence[str]) -> bool:
+    """A sentence said twice, or a short token sequence looping."""
+    said = [" ".join(_words(s)) for s in T.sentences(answer)]
+    said = [s for s in said if len(s.split()) >= 3 or (s and _is_cjk_token(s[0]) and len(s) >= 4)]
+    if len(said) != len(set(said)):
+        return True
+    grams = Counter(tuple(words[i:i + _REPEAT_N]) for i in range(len(words) - _REPEAT_N + 1))
+    return max(grams.values(), default=0) >= _REPEAT_TIMES
+
+
+def _longest_run(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest token sequence found in both (contiguous)."""
+    best, previous = 0, [0] * (len(b) + 1)
+    for x in a:
+        current = [0] * (len(b) + 1)
+        for j, y in enumerate(b, 1):
+            if x == y:
+                current[j] = previous[j - 1] + 1
+                best = max(best, current[j])
+        previous = current
+    return best
+
+
+def _shown(phrases: Sequence[str]) -> str:
+    return ", ".join(repr(p) for p in phrases[:8]) + (" ..." if len(phrases) > 8 else "")

@@ -9,9 +9,9 @@ from typing import Any
 from persllm.eval import charts, ipip
 
 SECTIONS = (("setup", "Setup"), ("distinction", "Distinction, consistency and development"),
-            ("probes", "Probes"), ("anti-induction", "Anti-induction and temporal boundary"),
+            ("probes", "Probes"), ("format", "Answer format"), ("anti-induction", "Anti-induction and temporal boundary"),
             ("big-five", "Psychological scale (IPIP-NEO-120)"), ("precision", "Precision against golden answers"),
-            ("ranking", "Ranking by the judge"))
+            ("ranking", "Ranking by the judge"), ("interview", "Interview (Character-LLM rubric)"))
 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1080px;padding:16px 24px;color:#222}
@@ -33,8 +33,8 @@ def render_html(report: dict[str, Any]) -> str:
             f"{escape(report['preset'])} · models: {escape(', '.join(models))}</p>",
             "<nav>" + "".join(f"<a href='#{k}'>{escape(v)}</a>" for k, v in SECTIONS) + "</nav>",
             _setup(report), _distinction(report, models, palette), _probes(report, models, palette),
-            _anti_induction(report, models, palette), _big_five(report, models, palette),
-            _precision(report, models, palette), _ranking(report, models, palette)]
+            _format(report, models, palette), _anti_induction(report, models, palette), _big_five(report, models, palette),
+            _precision(report, models, palette), _ranking(report, models, palette), _interview(report, models)]
     return ("<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><link rel='icon' href='data:,'>"
             f"<title>persllm eval: {escape(report['persona'])}</title><style>{_CSS}</style></head><body>"
             + "\n".join(body) + "</body></html>\n")
@@ -93,14 +93,19 @@ def _bars(title: str, categories: Sequence[str], table: dict[str, Sequence[Any]]
 def _setup(r: dict[str, Any]) -> str:
     judge = r["judge"]
     seeds = r["seeds"]
-    rows = [[m["name"], m["spec"], f"{m.get('seconds', 0):.0f}s"] for m in r["models"]]
-    judge_html = (f"<p>Judge: <b id='judge-name'>{escape(judge.get('model', 'none'))}</b>"
+    rows = [[m["name"], m["spec"], m.get("prompting", ""), f"{m.get('seconds', 0):.0f}s"] for m in r["models"]]
+    judge_html = (f"<p>Judge: <b id='judge-name'>{escape(judge.get('model') or 'none')}</b>"
                   + (f" · prompts {escape(judge['prompt_version'])} · {judge['repeats']} repeat(s), "
                      f"{judge['retries']} retries · temperature {judge['temperature']} · judge seeds "
                      f"{escape(', '.join(map(str, judge['seeds'])))}" if judge.get("enabled") else
                      f" ({escape(judge.get('reason', 'disabled'))})") + "</p>")
-    if judge.get("note"):
-        judge_html += f"<p class='warn'>{escape(judge['note'])}</p>"
+    if judge.get("enabled"):
+        reported = judge.get("reported_model")
+        shown = ", ".join(reported) if isinstance(reported, list) else reported or "none (the backend reports no id)"
+        judge_html += f"<p class='note'>Model id reported by the judge: <b id='judge-reported'>{escape(shown)}</b></p>"
+    for key in ("reported_model_warning", "note"):
+        if judge.get(key):
+            judge_html += f"<p class='warn'>{escape(judge[key])}</p>"
     if judge.get("enabled"):
         counts = judge.get("verdicts", {})
         parts = ", ".join(f"{v} {k}" for k, v in counts.items() if k != "replies")
@@ -122,7 +127,7 @@ def _setup(r: dict[str, Any]) -> str:
     data_html = (f"<p>Held-out questions: {data['heldout_questions']} ({escape(by_stage)});"
                  f" probes: {data['probes']} ({escape(data['probe_sources'])}); held-out passages of the persona's own "
                  f"words: {data['heldout_words']}.</p>")
-    return _section("setup", _table(["model", "what", "time"], rows), judge_html, seed_html, data_html)
+    return _section("setup", _table(["model", "what", "prompting", "time"], rows), judge_html, seed_html, data_html)
 
 
 def _distinction(r: dict[str, Any], models: list[str], palette: dict[str, str]) -> str:
@@ -156,6 +161,15 @@ def _probes(r: dict[str, Any], models: list[str], palette: dict[str, str]) -> st
     parts = [f"<p class='note'>{escape(p['rule'])}</p>", _table(["model", "all"] + kinds, rows),
              _bars("Probe pass rate by kind", kinds, {m: [p["models"][m]["by_kind"].get(k) for k in kinds]
                                                          for m in models}, palette, ymax=1.0)]
+    if p.get("paired"):
+        parts.append("<h3 id='paired'>Paired comparisons on the same probes</h3><p class='note'>Difference of pass "
+                     "rates (second minus first) with Newcombe's 95% interval for paired proportions, and the "
+                     "two-sided exact McNemar p on the probes only one of the two passed. An interval that "
+                     "contains 0 (or p &gt;= 0.05) means the probes cannot tell the two models apart.</p>")
+        parts.append(_table(["first", "second", "n", "first passes", "second passes", "difference [95% CI]",
+                             "only first", "only second", "McNemar p"],
+                            [[x["a"], x["b"], x["n"], x["a_rate"], x["b_rate"], x["difference"], x["only_a"],
+                              x["only_b"], x["p_value"]] for x in p["paired"]]))
     judged = {m: p["models"][m].get("judge", {}) for m in models}
     if any(judged.values()):
         parts.append("<h3>Judge scores against the probe references (0-5)</h3>")
@@ -170,15 +184,40 @@ def _probes(r: dict[str, Any], models: list[str], palette: dict[str, str]) -> st
     return _section("probes", *parts)
 
 
+def _format(r: dict[str, Any], models: list[str], palette: dict[str, str]) -> str:
+    f = r.get("format")
+    if not f:
+        return _section("format", "<p class='note'>not measured</p>")
+    rows = [[m, f["models"][m]["rate"], *(f["models"][m]["counts"][k] for k in
+                                          ("no_stop", "no_response", "analysis_in_answer", "empty"))] for m in models]
+    parts = [f"<p class='note'>{escape(f['rule'])}</p>",
+             _table(["model", "answers off the format", "no stop", "no [Response]", "analysis shown", "empty"], rows),
+             _bars("Answers off the trained format (lower)", ["off format"],
+                   {m: [f["models"][m]["rate"]] for m in models}, palette, 1.0)]
+    for m in models:
+        examples = f["models"][m]["examples"]
+        if examples:
+            items = "".join(f"<li class='fail'>[{escape(', '.join(e['problems']))}] <pre>{escape(e['text'])}</pre></li>"
+                            for e in examples)
+            parts.append(f"<details><summary>{escape(m)}: examples</summary><ul>{items}</ul></details>")
+    return _section("format", *parts)
+
+
 def _anti_induction(r: dict[str, Any], models: list[str], palette: dict[str, str]) -> str:
     a = r["anti_induction"]["models"]
-    keys = [("corrected_false_premises", "false premises corrected (higher)"),
-            ("cannot_know_after_stage", "'cannot know' after the stage (higher)"),
-            ("identity_break", "identity breaks (lower)")]
-    rows = [[m] + [a[m].get(k) for k, _ in keys] for m in models]
-    table = {m: [a[m].get(k) for k, _ in keys] for m in models}
-    return _section("anti-induction", _table(["model"] + [label for _, label in keys], rows),
-                    _bars("Boundary rates", ["corrected", "cannot know", "identity breaks"], table, palette, 1.0))
+    keys = [("corrected_false_premises", "false premises corrected (higher)", "corrected"),
+            ("cannot_know_after_stage", "future: 'cannot know' after the stage (higher)", "future"),
+            ("not_there_long_before", "past-absence: not there, long before (higher)", "past-absence"),
+            ("recalls_own_past", "past-presence: recalls own past (higher)", "past-presence"),
+            ("earlier_stage_kept", "past-only: earlier stage kept (higher)", "past-only"),
+            ("identity_break", "identity breaks (lower)", "identity breaks")]
+    keys = [k for k in keys if any(a[m].get(k[0]) for m in models)] or keys[:1]
+    rows = [[m] + [a[m].get(k) for k, _, _ in keys] for m in models]
+    table = {m: [a[m].get(k) for k, _, _ in keys] for m in models}
+    return _section("anti-induction", "<p class='note'>Temporal types after TimeChara (Ahn et al., 2024): future, "
+                    "past-absence, past-presence and past-only; see docs/probes.md.</p>",
+                    _table(["model"] + [label for _, label, _ in keys], rows),
+                    _bars("Boundary rates", [short for _, _, short in keys], table, palette, 1.0))
 
 
 def _big_five(r: dict[str, Any], models: list[str], palette: dict[str, str]) -> str:
@@ -202,13 +241,22 @@ def _big_five(r: dict[str, Any], models: list[str], palette: dict[str, str]) -> 
             rows.append([m, stage, s["method"]] + [f"{sums.get(d, 'n/a')} / {s['domain_mean'][d]:.2f}"
                                                    if s["domain_mean"][d] is not None else "n/a"
                                                    for d in ipip.DOMAINS]
-                        + [b["models"][m]["target_distance"].get(stage), _counts(s.get("raw_option_counts"))])
+                        + [b["models"][m]["target_distance"].get(stage),
+                           _accuracy_cell(b["models"][m].get("dimension_accuracy", {}).get(stage)),
+                           _counts(s.get("raw_option_counts"))])
     parts.append(_table(["model", "stage", "method"] + [f"{d} sum / mean" for d in ipip.DOMAINS]
-                        + ["distance to target", "uncalibrated answers 1-5"], rows))
+                        + ["distance to target", "dimension accuracy", "uncalibrated answers 1-5"], rows))
     parts.append(_targets(b))
     parts.append(_distances(b, models))
     parts.append(_facets(b, models))
     return _section("big-five", *parts)
+
+
+def _accuracy_cell(acc: dict[str, Any] | None) -> str:
+    """Dimension accuracy as 'hits/n (rate [low, high])', or n/a without a labelled or numeric target."""
+    if not acc or not acc.get("n"):
+        return "n/a"
+    return f"{acc['hits']}/{acc['n']} ({fmt(acc)})"
 
 
 def _counts(counts: dict[str, int] | None) -> str:
@@ -216,7 +264,8 @@ def _counts(counts: dict[str, int] | None) -> str:
 
 
 def _targets(b: dict[str, Any]) -> str:
-    rows = [[stage, t.get("source", ""), *(((t.get("profile") or {}).get(d)) for d in ipip.DOMAINS)]
+    rows = [[stage, t.get("source", ""), *((t.get("profile") or {}).get(d, (t.get("labels") or {}).get(d))
+                                            for d in ipip.DOMAINS)]
             for stage, t in b["targets"].items()]
     return "<h3>Target profiles</h3>" + _table(["stage", "source", *ipip.DOMAINS], rows)
 
@@ -295,3 +344,31 @@ def _ranking(r: dict[str, Any], models: list[str], palette: dict[str, str]) -> s
                     _table(["pair", "first wins", "second wins", "ties", "missing"], pairs),
                     f"<p class='note'>Position consistency: {escape(fmt(k['position_consistency']))}</p>",
                     _bars("Win rate", ["win rate"], {m: [k["models"][m]["win_rate"]] for m in models}, palette, 1.0))
+
+
+def _interview(r: dict[str, Any], models: list[str]) -> str:
+    """Per model and rubric dimension: mean [95% interval] n, with missing verdicts; reports without one say so."""
+    section = r.get("interview") or {"reason": "not in this report (made before interviews existed)"}
+    if not section.get("enabled"):
+        return _section("interview", f"<p class='note'>Unavailable: {escape(section.get('reason', 'disabled'))}</p>")
+    dims = section["dimensions"]
+    low, high = section["scale"]
+    rows = [[m, section["models"][m]["judged_answers"]] + [section["models"][m]["dimensions"].get(d) for d in dims]
+            + [sum(v.get("missing", 0) for v in section["models"][m]["dimensions"].values())] for m in models]
+    parts = [f"<p class='note'>{escape(section['method'])}</p>",
+             f"<p>{section['questions']} question(s) from {escape(section['file'])}, {section['answers']} answer(s) "
+             f"per model; scale {low}-{high} (higher is better on every dimension).</p>",
+             _table(["model", "answers judged"] + dims + ["missing verdicts"], rows).replace(
+                 "<table>", "<table id='interview-table'>", 1)]
+    for m in models:
+        by_stage = section["models"][m]["by_stage"]
+        if len(by_stage) > 1:
+            parts.append(f"<details><summary>{escape(m)} by stage</summary>"
+                         + _table(["stage"] + dims, [[s] + [v.get(d) for d in dims] for s, v in by_stage.items()])
+                         + "</details>")
+        by_topic = section["models"][m].get("by_topic") or {}
+        if by_topic:
+            parts.append(f"<details><summary>{escape(m)} by topic</summary>"
+                         + _table(["topic"] + dims, [[t] + [v.get(d) for d in dims] for t, v in by_topic.items()])
+                         + "</details>")
+    return _section("interview", *parts)

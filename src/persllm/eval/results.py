@@ -6,11 +6,12 @@ import datetime as _dt
 from collections.abc import Sequence
 from typing import Any
 
-from persllm import __version__
+from persllm import __version__, template
 from persllm.config import Project
 from persllm.eval import criteria, ipip, judging
 from persllm.eval.criteria import Embed
 from persllm.eval.generate import ModelUnderTest
+from persllm.eval.interview import interview_report
 from persllm.eval.judging import Judges
 from persllm.eval.runner import ModelRun, Persona, Plan
 
@@ -22,7 +23,9 @@ def build_report(project: Project, models: Sequence[ModelUnderTest], runs: dict[
     stage_ids = [s.id for s in project.stages]
     names = [m.name for m in models]
     peer_slugs = [p.slug for p in peers]
-    probe_scores = {m: criteria.probe_scores(runs[m].answers, plan.probes) for m in names}
+    prompts = {s.id: (template.system_prompt(template.context_for(project, s.id)), s.description.strip())
+               for s in project.stages}
+    probe_scores = {m: criteria.probe_scores(runs[m].answers, plan.probes, prompts) for m in names}
     for m in names:
         judged = [o for o in verdicts.get("probe", []) if o.task.model == m]
         probe_scores[m]["judge"] = criteria.judged(judged, lambda o: o.task.meta["kind"])
@@ -33,8 +36,8 @@ def build_report(project: Project, models: Sequence[ModelUnderTest], runs: dict[
         "persona": project.name, "slug": project.slug, "language": project.language, "preset": project.preset,
         "persllm_version": __version__, "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "stage_ids": stage_ids, "stages": [{"id": s.id, "label": s.label} for s in project.stages],
-        "models": [{"name": m.name, "spec": m.spec, "local": m.local, "seconds": round(runs[m.name].seconds, 1)}
-                   for m in models],
+        "models": [{"name": m.name, "spec": m.spec, "local": m.local, "seconds": round(runs[m.name].seconds, 1),
+                    "prompting": runs[m.name].prompting or _prompting(m)} for m in models],
         "seeds": _seeds(project, models),
         "decoding": {"max_new_tokens": plan.decoding.max_tokens, "think": project.eval.think,
                      "forced_prefix": plan.decoding.prefix},
@@ -48,18 +51,37 @@ def build_report(project: Project, models: Sequence[ModelUnderTest], runs: dict[
                                   "consistent); stage = same question at another stage (development); inter = the same"
                                   " question answered as another persona (distinction, lower is more distinct).",
                         "models": distinction, "embedding_note": embed_note},
-        "probes": {"rule": "pass = any expect_any phrase, all expect_all phrases, no reject_any phrase "
+        "probes": {"paired": criteria.paired_probes(probe_scores, names),
+                   "by_stage": {s: sum(1 for p in plan.probes if p.stage == s) for s in stage_ids},
+                   "rule": "pass = not garbage (empty, repeating itself, echoing the question or the system prompt, a "
+                           "generic assistant reply), one phrase of every expect_groups group, any expect_any phrase, "
+                           "all expect_all phrases, no reject_any phrase, no year after reject_years_after "
                            "(case-insensitive, whole words), scored on the visible answer (no analysis)",
                    "kinds": {k: sum(1 for p in plan.probes if p.kind == k)
                              for k in sorted({p.kind for p in plan.probes})},
                    "models": probe_scores},
         "anti_induction": {"models": {m: criteria.anti_induction(probe_scores[m]) for m in names}},
+        "format": {"models": {m: criteria.format_failures(runs[m].answers, project.sft.keep_cot, project.name,
+                                                          plan.decoding.prefix) for m in names},
+                   "rule": "share of greedy answers (probes and held-out questions) that leave the trained format: "
+                           "no end marker within the budget, no [Response] (CoT format), analysis shown as the "
+                           "answer (a visible answer opening like an analysis, or a second [Analysis] after the "
+                           "response), or nothing visible"},
         "ipip": _ipip_report(project, runs, plan, verdicts, peers),
         "precision": {"accuracy": _accuracy(verdicts, names, judges),
                       "rouge_l": {m: criteria.rouge(runs[m].answers, plan.heldout) for m in names},
                       "perplexity": {m: runs[m].perplexity for m in names}},
         "ranking": _ranking(verdicts, names, judges),
+        "interview": interview_report(project, plan, names, verdicts.get("interview") if judges.judge else None,
+                                      judges.reason),
     }
+
+
+def _prompting(model: ModelUnderTest) -> str:
+    """How a model was prompted when it went through the chat template."""
+    if model.name in ("sft", "dpo"):
+        return "chat template with the persona system prompt (the training format)"
+    return "chat template with the persona system prompt" + (" and retrieved material" if model.rag else "")
 
 
 def _seeds(project: Project, models: Sequence[ModelUnderTest]) -> dict[str, Any]:
@@ -84,6 +106,10 @@ def _judge_info(project: Project, judges: Judges) -> dict[str, Any]:
     info = {"enabled": True, **judges.judge.describe(), "reliable": reliable,
             "note": None if reliable else judging.UNRELIABLE,
             "verdicts": judging.verdict_summary(judges.judge.records)}
+    if isinstance(info["reported_model"], list):  # one spec, several models behind it: the verdicts are mixed
+        info["reported_model_warning"] = (f"the judge endpoint reported {len(info['reported_model'])} different "
+                                          f"model ids ({', '.join(info['reported_model'])}); its verdicts mix "
+                                          "models and are not comparable with another run's")
     if judges.teacher is not None:
         info["target_model"] = judges.teacher.spec
     return info
@@ -109,8 +135,11 @@ def _ipip_report(project: Project, runs: dict[str, ModelRun], plan: Plan, verdic
                  peers: Sequence[Persona]) -> dict[str, Any]:
     if not plan.ipip_stages:
         return {"enabled": False, "reason": "eval.ipip is off"}
-    targets = {s: {"profile": dict(p), "source": "persona.yaml (eval.target)"} for s, p in project.eval.target.items()
-               if s in plan.ipip_stages}
+    # Numeric domains go into the profile (distances); "high"/"low" labels only into dimension accuracy.
+    targets: dict[str, dict[str, Any]] = {
+        s: {"profile": {d: float(v) for d, v in p.items() if not isinstance(v, str)},
+            "labels": {d: v for d, v in p.items() if isinstance(v, str)}, "source": "persona.yaml (eval.target)"}
+        for s, p in project.eval.target.items() if s in plan.ipip_stages}
     for stage, derived in judging.targets_from(verdicts.get("target", [])).items():
         targets[stage] = derived | {"source": f"estimated by the teacher ({derived['repeats']} parsed repeat(s))"}
     interviews = judging.interview_scores(verdicts.get("ipip", []))
@@ -124,6 +153,8 @@ def _ipip_report(project: Project, runs: dict[str, ModelRun], plan: Plan, verdic
             "stages": stages, "peers": peer_profiles,
             "target_distance": {s: _distance(stages[s]["domain_mean"], (targets.get(s) or {}).get("profile"))
                                 for s in stages},
+            "dimension_accuracy": {s: criteria.dimension_accuracy(stages[s]["domain_mean"], _sides(targets.get(s)))
+                                   for s in stages if targets.get(s)},
             "stage_distance": {f"{a} vs {b}": _distance(stages[a]["domain_mean"], stages[b]["domain_mean"])
                                for i, a in enumerate(stages) for b in list(stages)[i + 1:]},
             "persona_distance": {slug: _distance(stages[plan.ipip_stages[-1]]["domain_mean"], p["domain_mean"])
@@ -137,9 +168,17 @@ def _ipip_report(project: Project, runs: dict[str, ModelRun], plan: Plan, verdic
               "decide its profile; the uncalibrated answer counts are shown too); for other backends, a generated "
               "digit. "
               "Interview: an open question per item, rated 1-5 by the judge. Minus-keyed items are reversed "
-              "(6 - answer); domains sum 24 items (24-120), facets 4 (4-20); profiles compare domain means (1-5).")
+              "(6 - answer); domains sum 24 items (24-120), facets 4 (4-20); profiles compare domain means (1-5). "
+              "Dimension accuracy (InCharacter): the share of target domains whose measured mean lies on the "
+              "target's side of 3 (a label high/low, or a number above/below 3), with a Wilson interval; a measured "
+              "3 is a miss and a numeric target of exactly 3 is not counted.")
     return {"enabled": True, "inventory": "IPIP-NEO-120", "stages": plan.ipip_stages, "method": method,
             "targets": targets, "models": models, "interview_items": len(plan.interview)}
+
+
+def _sides(target: dict[str, Any] | None) -> dict[str, float | str]:
+    """A stage target's numeric domains and labels together (what dimension accuracy compares against)."""
+    return {**((target or {}).get("profile") or {}), **((target or {}).get("labels") or {})}
 
 
 def _distance(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:

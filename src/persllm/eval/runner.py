@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from persllm import template
@@ -19,8 +19,10 @@ from persllm.backends import Backend, GenParams
 from persllm.config import Project
 from persllm.errors import ConfigError, PersllmError
 from persllm.eval import ipip
-from persllm.eval.generate import (Answer, Ask, Decoding, ModelUnderTest, RagIndex, answer_all, as_local,
-                                  persona_messages)
+from persllm.eval.generate import (Answer, Ask, Decoding, FewShot, ModelUnderTest, RagIndex, answer_all, as_local,
+                                  few_shot_prompt, persona_messages)
+from persllm.eval.interview import PURPOSE as INTERVIEW_Q
+from persllm.eval.interview import Question
 from persllm.eval.metrics import perplexity
 from persllm.progress import Progress
 from persllm.types import Passage, Probe, Sample
@@ -50,6 +52,8 @@ class Plan:
     interview: list[ipip.Item]
     decoding: Decoding
     user_probes: int = 0  # probes from eval.probes (the rest are generated)
+    few_shot: FewShot | None = None  # examples for base models without a chat template of their own
+    questions: list[Question] = field(default_factory=list)  # eval.interview (Character-LLM), asked when judged
 
 
 @dataclass
@@ -61,10 +65,11 @@ class ModelRun:
     ipip: dict[str, dict[str, Any]] = field(default_factory=dict)  # persona/stage -> administration
     perplexity: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    prompting: str = ""  # how the model was prompted when not through the chat template (few-shot baseline)
 
 
 def greedy_asks(project: Project, plan: Plan, rag: RagIndex | None) -> list[Ask]:
-    """Probes, held-out questions and IPIP interview questions, answered greedily."""
+    """Probes, held-out questions, IPIP interview questions and eval.interview questions, answered greedily."""
     slug = project.slug
     asks = [Ask(f"probe/{p.id}", "probe", p.id, slug, p.stage, p.question,
                 persona_messages(project, p.stage, p.question, rag)) for p in plan.probes]
@@ -75,6 +80,8 @@ def greedy_asks(project: Project, plan: Plan, rag: RagIndex | None) -> list[Ask]
             question = ipip.interview_question(item, project.language)
             asks.append(Ask(f"interview/{item.id}/{stage}", "interview", item.id, slug, stage, question,
                             persona_messages(project, stage, question, rag)))
+    asks += [Ask(f"{INTERVIEW_Q}/{q.id}/{stage}", INTERVIEW_Q, q.id, slug, stage, q.question,
+                 persona_messages(project, stage, q.question, rag)) for q in plan.questions for stage in q.stages]
     return asks
 
 
@@ -108,13 +115,18 @@ def run_model(project: Project, model: ModelUnderTest, backend: Backend, plan: P
     started = time.monotonic()
     run = ModelRun(model)
     asks = greedy_asks(project, plan, rag) + sampled_asks(project, plan, rag, same_backend_peers)
+    shots = few_shot_for(project, model, backend, plan)
+    if shots is not None:  # the persona's own questions as a transcript to continue; peers keep their prompts
+        asks = [replace(a, raw=few_shot_prompt(project, a.stage, a.question, shots, rag))
+                if a.persona == project.slug else a for a in asks]
+        run.prompting = shots.describe()
     run.answers += answer_all(model, backend, asks, plan.decoding, progress, "answers")
     personas = [Persona(project.slug, project, rag)] + list(same_backend_peers)
     for persona in personas:
         stages = plan.ipip_stages if persona.slug == project.slug else [persona.project.stages[-1].id]
         for stage in stages:
             run.ipip[f"{persona.slug}/{stage}"] = administer(persona, stage, model, backend, plan, progress)
-    run.perplexity = heldout_perplexity(project, model, backend, plan.words, rag, progress)
+    run.perplexity = heldout_perplexity(project, model, backend, plan.words, rag, progress, shots)
     run.seconds = time.monotonic() - started
     return run
 
@@ -151,9 +163,19 @@ def administer(persona: Persona, stage: str, model: ModelUnderTest, backend: Bac
     return {"method": "generated", "answers": answers, "missing": len(prompts) - len(answers), "raw": raw}
 
 
+def few_shot_for(project: Project, model: ModelUnderTest, backend: Backend, plan: Plan) -> FewShot | None:
+    """The few-shot prompting for the base and rag baselines of a base model without a chat template, else None."""
+    mode = project.eval.base_prompting
+    if model.variant != "base" or not model.local or mode == "chat" or plan.few_shot is None:
+        return None
+    if mode == "auto" and getattr(backend, "own_chat_template", True):
+        return None
+    return plan.few_shot
+
+
 def heldout_perplexity(project: Project, model: ModelUnderTest, backend: Backend,
                        words: Sequence[tuple[Sample, Passage]], rag: RagIndex | None,
-                       progress: Progress) -> dict[str, Any]:
+                       progress: Progress, shots: FewShot | None = None) -> dict[str, Any]:
     """Per-token perplexity of the persona's held-out own words as the answer to the question they seeded."""
     if not model.local:
         return {"unavailable": f"{model.name} does not expose log-likelihoods (only local transformers models do)"}
@@ -162,8 +184,11 @@ def heldout_perplexity(project: Project, model: ModelUnderTest, backend: Backend
                                "own words; raise construct.test_fraction or add style material)"}
     hf = as_local(backend)
     prefix = _response_prefix(project).rstrip()
-    pairs = [(hf.render(list(persona_messages(project, s.stage, s.question, rag))) + prefix,
-              (" " if prefix else "") + p.text) for s, p in words]
+    if shots is not None:  # the persona's words as the few-shot transcript's next answer
+        pairs = [(few_shot_prompt(project, s.stage, s.question, shots, rag), " " + p.text) for s, p in words]
+    else:
+        pairs = [(hf.render(list(persona_messages(project, s.stage, s.question, rag))) + prefix,
+                  (" " if prefix else "") + p.text) for s, p in words]
     with progress.task(f"held-out perplexity ({model.name})", total=len(pairs)) as task:
         scored = hf.score(pairs)
         task.advance(len(pairs))

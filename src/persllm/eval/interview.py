@@ -1,0 +1,259 @@
+"""Interviews (Character-LLM protocol): open questions every model answers in character, scored by the judge.
+
+An interview file (eval.interview, or `persllm eval --interview FILE`) is a JSON list or JSONL file of questions:
+each item a string or an object {"question", "topic", "stage", "id"}. A question with a stage is asked at that stage;
+one without is asked at every stage, because how the persona answers the same question at different times is part
+of what the rubric measures. Each answer is rated 1-7 on five dimensions; the format and rubric are documented in
+docs/interviews.md.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from persllm import text as T
+from persllm.config import Project
+from persllm.construct.retrieval import Retriever
+from persllm.errors import DataError
+from persllm.eval.criteria import by_key, judged
+from persllm.eval.judge import Outcome, Task, score_parser
+from persllm.prompts import Prompts
+from persllm.types import Passage
+
+if TYPE_CHECKING:  # runner imports this module for Plan.questions; the runs are only annotated here
+    from persllm.eval.runner import ModelRun, Plan
+
+PURPOSE = "interview_q"  # "interview" is the IPIP open-question administration
+DIMENSIONS = ("memorization", "values", "personality", "hallucination", "stability")
+SCALE = (1, 7)
+FIELDS = ("id", "question", "topic", "stage")
+DOCS = "docs/interviews.md"
+_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_MATERIAL_TOKENS = 500
+_MAX_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class Question:
+    """One interview question and the stages it is asked at."""
+
+    id: str
+    question: str
+    stages: tuple[str, ...]  # the item's stage, or every stage when the item names none
+    topic: str = ""
+
+
+def interview_path(project: Project) -> Path | None:
+    """The interview file eval.interview names (relative to the project root), or None when none is set."""
+    return (project.root / project.eval.interview).resolve() if project.eval.interview else None
+
+
+def load_interview(path: str | Path, stages: Sequence[str]) -> list[Question]:
+    """Read and validate an interview file; every problem is reported at once as 'file:line: what is wrong'."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError as exc:
+        raise DataError(f"interview file not found: {path}; set eval.interview to an existing file "
+                        f"(relative to the project directory; format: {DOCS})") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 (byte {exc.start}); save the interview file as UTF-8") from exc
+    problems: list[str] = []
+    items = _json_list(text, path, problems) if text.lstrip().startswith("[") else _json_lines(text, path, problems)
+    questions: list[Question] = []
+    first_line: dict[str, int] = {}
+    for position, (line, data) in enumerate(items, 1):
+        errors = _check(data, stages)
+        qid = (data.get("id") if isinstance(data, dict) else None) or f"q{position}"
+        if not errors and qid in first_line:
+            errors = [(f"id {qid!r} is already used on line {first_line[qid]}; ids must be unique "
+                       "(items without an id are numbered q1, q2, ... by position)")]
+        if errors:
+            problems.extend(f"{path}:{line}: {e}" for e in errors)
+            continue
+        first_line[qid] = line
+        item = {"question": data} if isinstance(data, str) else data
+        stage = item.get("stage")
+        questions.append(Question(qid, item["question"].strip(), (stage,) if stage else tuple(stages),
+                                  (item.get("topic") or "").strip()))
+    if problems:
+        shown = problems[:_MAX_SHOWN] + ([f"... and {len(problems) - _MAX_SHOWN} more"] if len(problems) > _MAX_SHOWN
+                                         else [])
+        raise DataError(f"{len(problems)} problem(s) in interview file {path} (format: {DOCS}):\n  "
+                        + "\n  ".join(shown))
+    if not questions:
+        raise DataError(f"{path}: no questions; write a JSON list of questions or one per line (format: {DOCS})")
+    return questions
+
+
+def _json_lines(text: str, path: Path, problems: list[str]) -> list[tuple[int, Any]]:
+    """(line, decoded item) for every non-empty line of a JSONL file."""
+    items = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            problems.append(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); write one question "
+                            "per line, as a JSON string or object")
+    return items
+
+
+def _json_list(text: str, path: Path, problems: list[str]) -> list[tuple[int, Any]]:
+    """(line, decoded item) for every element of a JSON list, decoded one by one so each keeps its line number."""
+    decoder = json.JSONDecoder()
+    items: list[tuple[int, Any]] = []
+    index = text.index("[") + 1
+    try:
+        while True:
+            index = _skip_space(text, index)
+            if text.startswith("]", index):
+                break
+            value, end = decoder.raw_decode(text, index)
+            items.append((text.count("\n", 0, index) + 1, value))
+            index = _skip_space(text, end)
+            if text.startswith(",", index):
+                index += 1
+            elif not text.startswith("]", index):
+                raise json.JSONDecodeError("expected ',' or ']'", text, index)
+    except json.JSONDecodeError as exc:
+        problems.append(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
+        return items
+    if text[index + 1:].strip():
+        problems.append(f"{path}:{text.count(chr(10), 0, index + 1) + 1}: text after the closing ']' of the list")
+    return items
+
+
+def _skip_space(text: str, index: int) -> int:
+    while index < len(text) and text[index] in " \t\r\n":
+        index += 1
+    return index
+
+
+def _check(data: Any, stages: Sequence[str]) -> list[str]:
+    """Problems with one decoded item (empty when it is a valid question)."""
+    if isinstance(data, str):
+        return [] if data.strip() else ["empty question; write the question text"]
+    if not isinstance(data, dict):
+        return [f"expected a question string or a JSON object, got {type(data).__name__}"]
+    errors = []
+    for key in data:
+        if key not in FIELDS:
+            close = difflib.get_close_matches(str(key), FIELDS, n=1)
+            errors.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                          + f"; valid keys: {', '.join(FIELDS)}")
+    if not isinstance(data.get("question"), str) or not data["question"].strip():
+        errors.append("'question' must be a non-empty string")
+    if "topic" in data and not isinstance(data["topic"], str):
+        errors.append("'topic' must be a string")
+    if "id" in data and not (isinstance(data["id"], str) and _ID.match(data["id"])):
+        errors.append(f"id {data['id']!r} must be 1-64 letters, digits, '.', '-' or '_'")
+    stage = data.get("stage")
+    if stage is not None and stage not in stages:
+        errors.append(f"stage {stage!r} is not a stage of this project; use one of: {', '.join(stages)} "
+                      "(or leave it out to ask at every stage)")
+    return errors
+
+
+# -- judging ---------------------------------------------------------------------------------------------------------
+def interview_tasks(project: Project, prompts: Prompts, runs: Sequence[ModelRun], plan: Plan,
+                    passages: Sequence[Passage], limit: int) -> list[Task]:
+    """One 1-7 judge task per answer and dimension, for at most `limit` answers per model.
+
+    One call per dimension rather than one call for all five: a focused rubric keeps one dimension's impression from
+    colouring the others (the halo effect), and a reply that does not parse loses one score, not five.
+    """
+    retrievers = {s.id: Retriever([p for p in passages if p.stage == s.id]) for s in project.stages}
+    material: dict[tuple[str, str], str] = {}
+    tasks = []
+    for run in runs:
+        index = by_key(run.answers)
+        answered = [(q, stage) for q in plan.questions for stage in q.stages if _key(q.id, stage) in index][:limit]
+        for q, stage in answered:
+            if (q.id, stage) not in material:
+                material[(q.id, stage)] = _material(retrievers[stage], q.question)
+            names = {"name": project.name, "label": project.stage(stage).label}
+            for dim in DIMENSIONS:
+                values = names | {"material": material[(q.id, stage)], "question": q.question,
+                                  "answer": index[_key(q.id, stage)].visible,
+                                  "dimension": prompts.get(f"judge.interview_dimensions.{dim}"),
+                                  "rubric": prompts.fill(f"judge.interview_rubric.{dim}", **names)}
+                tasks.append(Task("interview", run.model.name, f"{q.id}/{stage}/{dim}", "interview", values,
+                                  score_parser(*SCALE), {"dimension": dim, "stage": stage, "question": q.id,
+                                                         "topic": q.topic}))
+    return tasks
+
+
+def _key(question_id: str, stage: str) -> str:
+    return f"{PURPOSE}/{question_id}/{stage}"
+
+
+def _material(retriever: Retriever, question: str) -> str:
+    """The stage's passages most relevant to the question (three quarters knowledge, a quarter own words)."""
+    if not retriever.passages:
+        return "(no material)"
+    ranked = retriever.rank(question)
+    parts = [_fill([p for p in ranked if p.kind == kind], budget)
+             for kind, budget in (("knowledge", _MATERIAL_TOKENS * 3 // 4), ("style", _MATERIAL_TOKENS // 4))]
+    return "\n".join(p for p in parts if p) or "(no material)"
+
+
+def _fill(ranked: Sequence[Passage], budget: int) -> str:
+    chosen: list[str] = []
+    used = 0
+    for passage in ranked:
+        cost = T.count_tokens(passage.text)
+        if used + cost > budget:
+            if not chosen:  # one passage longer than the budget is cut, never dropped
+                chosen.append(T.truncate_tokens(passage.text, budget))
+            break
+        chosen.append(passage.text)
+        used += cost
+    return "\n".join(chosen)
+
+
+# -- report ----------------------------------------------------------------------------------------------------------
+def interview_report(project: Project, plan: Plan, names: Sequence[str], outcomes: Sequence[Outcome] | None,
+                     judge_reason: str) -> dict[str, Any]:
+    """report.json's "interview" section: per model, each dimension's mean with its 95% interval over answers."""
+    if not project.eval.interview:
+        return {"enabled": False, "reason": "no interview file: set eval.interview in persona.yaml or pass "
+                                            f"--interview FILE (format: {DOCS})"}
+    if outcomes is None:
+        return {"enabled": False, "file": project.eval.interview,
+                "reason": f"{judge_reason}; interviews are scored by the judge, so their questions were not asked"}
+    asked = sum(len(q.stages) for q in plan.questions)
+    models: dict[str, Any] = {}
+    for name in names:
+        mine = [o for o in outcomes if o.task.model == name]
+        stages = sorted({o.task.meta["stage"] for o in mine}, key=[s.id for s in project.stages].index)
+        topics = sorted({o.task.meta["topic"] for o in mine if o.task.meta["topic"]})
+        models[name] = {
+            "judged_answers": len({(o.task.meta["question"], o.task.meta["stage"]) for o in mine}),
+            "dimensions": _by_dimension(mine),
+            "by_stage": {s: _by_dimension([o for o in mine if o.task.meta["stage"] == s]) for s in stages},
+            "by_topic": {t: _by_dimension([o for o in mine if o.task.meta["topic"] == t]) for t in topics},
+        }
+    return {"enabled": True, "file": project.eval.interview, "questions": len(plan.questions), "answers": asked,
+            "limit": project.eval.judge_items, "dimensions": list(DIMENSIONS), "scale": list(SCALE),
+            "method": ("Character-LLM interview: every model answers every question greedily, at the question's stage "
+                       "or, without one, at every stage. The judge rates each answer 1-7 on each dimension in a "
+                       "separate call, given the persona's name, the stage, the stage's material most relevant to "
+                       "the question, the question and the answer. hallucination: 7 = no invented facts; "
+                       "stability: 7 = fully in character. Per-answer means over the judge's repeats are averaged "
+                       "with a 95% t interval over answers; an unparseable reply is missing, never a score. At most "
+                       "eval.judge_items answers per model are judged."),
+            "models": models}
+
+
+def _by_dimension(outcomes: Sequence[Outcome]) -> dict[str, Any]:
+    """Each dimension's estimate (mean, interval, n, missing), in the rubric's order."""
+    scores = judged(outcomes, lambda o: o.task.meta["dimension"], (float(SCALE[0]), float(SCALE[1])))
+    return {d: scores[d] for d in DIMENSIONS if d in scores}
