@@ -66,3 +66,19 @@ def test_chat_cli_errors(project_dir: Path, tiny_model: Path) -> None:
     assert stage.returncode == 1 and "unknown stage 'middle'" in stage.stderr and "early, late" in stage.stderr
     adapter = run(str(project_dir), "--model", "dpo", "--set", f"base_model=hf:{tiny_model}")
     assert adapter.returncode == 1 and "no DPO adapter" in adapter.stderr and "persllm train" in adapter.stderr
+
+
+def test_the_visible_answer_never_shows_analysis() -> None:
+    from persllm import template
+    from persllm.chat import AnswerFilter
+
+    assert template.visible_answer("[Analysis] No false premise. Relevant: the engine.") == ""
+    assert template.visible_answer("[Analysis] a\n[Response] I am Ada.\n[Analysis] again\n[Response] b") == "I am Ada."
+    assert template.visible_answer("I am Ada, plainly.") == "I am Ada, plainly."  # an untagged model is shown whole
+    pieces = ["[Anal", "ysis] x\n[Resp", "onse] Hello", " there. [Ana", "lysis] leaked", " more"]
+    shown = AnswerFilter(False)
+    assert ("".join(shown.feed(p) for p in pieces) + shown.finish()).strip() == "Hello there."
+    held = AnswerFilter(False)
+    assert "".join(held.feed(p) for p in ["[Response] a [b", "] c"]) + held.finish() == "a [b] c"
+    everything = AnswerFilter(True)
+    assert "".join(everything.feed(p) for p in pieces) + everything.finish() == "".join(pieces)

@@ -113,3 +113,55 @@ def test_tuned_peer_adapters_answer_without_retrieval(tmp_path: Path, monkeypatc
     runner._tuned_peers(project, model, plan, [peer], run, [], NULL)
     assert seen["asks"] and all("RETRIEVED" not in m.content for ask in seen["asks"] for m in ask.messages)
     assert seen["personas"] and all(p.rag is None for p in seen["personas"])
+
+
+def test_few_shot_baseline_only_for_base_models_without_a_chat_template_of_their_own(project_dir: Path) -> None:
+    from types import SimpleNamespace
+
+    from eval_helpers import samples_for
+
+    from persllm.config import load_project
+    from persllm.eval.generate import (FewShot, ModelUnderTest, cut_few_shot, few_shot_examples, few_shot_prompt)
+    from persllm.eval.runner import few_shot_for
+    from persllm.ingest import ingest
+
+    project = load_project(project_dir)
+    passages, _ = ingest(project)
+    samples = samples_for(passages)
+    shots = FewShot({s.id: few_shot_examples(samples, s.id) for s in project.stages}, "she")
+    plan = SimpleNamespace(few_shot=shots)
+    base = ModelUnderTest("base", "base", "base", local=True)
+    rag = ModelUnderTest("rag", "base", "base", local=True, rag=True)
+    sft = ModelUnderTest("sft", "sft", "sft", local=True)
+    plain, chat = SimpleNamespace(own_chat_template=False), SimpleNamespace(own_chat_template=True)
+    assert few_shot_for(project, base, plain, plan) is shots and few_shot_for(project, rag, plain, plan) is shots
+    assert few_shot_for(project, base, chat, plan) is None  # an instruction-tuned base keeps its own template
+    assert few_shot_for(project, sft, plain, plan) is None  # tuned models answer in their training format
+    forced = load_project(project_dir, overrides=["eval.base_prompting=few_shot"])
+    assert few_shot_for(forced, base, chat, plan) is shots
+    never = load_project(project_dir, overrides=["eval.base_prompting=chat"])
+    assert few_shot_for(never, base, plain, plan) is None
+
+    prompt = few_shot_prompt(project, "early", "Where did you study?", shots)
+    used = shots.examples["early"]
+    assert used and all(s.split == "train" and s.stage == "early" for s in used)
+    test_questions = [s.question for s in samples if s.split == "test"]
+    assert not any(q in prompt for q in test_questions)  # examples come from the training split only
+    assert prompt.endswith("Question: Where did you study?\nTest Person:")
+    assert "in her own words" in prompt and "A young engineer in Vienna." in prompt
+    assert cut_few_shot(" I studied in Vienna.\n\nQuestion: And then?\nTest Person: x", "en") == (
+        "I studied in Vienna.", True)
+    assert cut_few_shot(" I studied", "en") == ("I studied", False)
+
+
+def test_has_own_chat_template_tells_persllms_from_a_models_own() -> None:
+    from types import SimpleNamespace
+
+    from persllm import template
+    from persllm.backends.hf import has_own_chat_template
+
+    assert not has_own_chat_template(SimpleNamespace(chat_template=None))
+    assert not has_own_chat_template(SimpleNamespace(chat_template=template.chat_template(training=True)))
+    assert not has_own_chat_template(SimpleNamespace(chat_template=template.chat_template(
+        "<|im_start|>", "<|im_end|>", training=False)))
+    assert has_own_chat_template(SimpleNamespace(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}"))
