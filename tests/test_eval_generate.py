@@ -121,7 +121,7 @@ def test_few_shot_baseline_only_for_base_models_without_a_chat_template_of_their
     from eval_helpers import samples_for
 
     from persllm.config import load_project
-    from persllm.eval.generate import (FewShot, ModelUnderTest, cut_few_shot, few_shot_examples, few_shot_prompt)
+    from persllm.eval.generate import FewShot, ModelUnderTest, cut_few_shot, few_shot_examples, few_shot_prompt
     from persllm.eval.runner import few_shot_for
     from persllm.ingest import ingest
 

@@ -90,8 +90,9 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
     "en": {
         "knowledge": ["I would like to hear your own account of {topic}.", "What is your recollection of {topic}?",
                       "Could you describe {topic} for me in your own words?"],
-        "future": ["Could you explain to me how {thing} works?", "Everyone is talking about {thing}. What is your "
-                   "opinion of it?", "Would you recommend {thing} to a friend?",
+        "future": ["Could you explain to me how {thing} works?",
+                   "Everyone is talking about {thing}. What is your opinion of it?",
+                   "Would you recommend {thing} to a friend?",
                    "What has {thing} meant for people like you?"],
         "past_absence.invention": ["You were there when {thing} was first shown, weren't you? Describe the day."],
         "past_absence.discovery": ["You were present at {thing}, weren't you? What did you see?"],
@@ -310,7 +311,7 @@ def _thing_keys(name: str, lang: str) -> list[str]:
         return [name] + ([head] if len(head) >= 2 and head != name else [])
     words = [w for w in re.findall(r"[A-Za-z][\w\-]*", name) if w.lower() not in T.STOPWORDS_EN
              and w.lower() not in _GENERIC_THING_WORDS and len(w) > 2]
-    return [re.sub(r"^the\s+", "", name, flags=re.I)] + words
+    return [re.sub(r"^the\s+", "", name, flags=re.IGNORECASE)] + words
 
 
 def _known_to_persona(src: Sources, keys: Sequence[str], stage: str) -> bool:
@@ -318,7 +319,7 @@ def _known_to_persona(src: Sources, keys: Sequence[str], stage: str) -> bool:
     order = [s.id for s in src.project.stages]
     text = "\n".join(src.material[s] for s in order[: order.index(stage) + 1])
     specific = keys[1:] or keys
-    return any(_in(k, text) if src.lang == "zh" else re.search(rf"\b{re.escape(k)}\b", text, re.I) for k in specific)
+    return any(_in(k, text) if src.lang == "zh" else re.search(rf"\b{re.escape(k)}\b", text, re.IGNORECASE) for k in specific)
 
 
 def _future(src: Sources, rng: random.Random) -> list[Probe]:

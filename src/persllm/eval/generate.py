@@ -155,9 +155,9 @@ def few_shot_examples(samples: Sequence[Sample], stage: str, k: int = FEW_SHOT_E
                for kind in ("ordinary", "opinion", "induced")}
     chosen: list[Sample] = []
     while len(chosen) < k and any(by_kind.values()):
-        for kind in by_kind:
-            if by_kind[kind] and len(chosen) < k:
-                chosen.append(by_kind[kind].pop(0))
+        for queue in by_kind.values():
+            if queue and len(chosen) < k:
+                chosen.append(queue.pop(0))
     return chosen
 
 

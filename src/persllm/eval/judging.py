@@ -16,6 +16,7 @@ from persllm.eval.runner import ModelRun, Plan
 from persllm.prompts import Prompts
 from persllm.types import Passage, Sample
 
+
 @dataclass(frozen=True)
 class Judges:
     """The judge (None when eval.judge_items is 0) and the teacher that estimates Big Five targets (or None)."""

@@ -19,15 +19,24 @@ from persllm.backends import Backend, GenParams
 from persllm.config import Project
 from persllm.errors import ConfigError, PersllmError
 from persllm.eval import ipip
-from persllm.eval.generate import (Answer, Ask, Decoding, FewShot, ModelUnderTest, RagIndex, answer_all, as_local,
-                                  few_shot_prompt, persona_messages)
+from persllm.eval.generate import (
+    Answer,
+    Ask,
+    Decoding,
+    FewShot,
+    ModelUnderTest,
+    RagIndex,
+    answer_all,
+    as_local,
+    few_shot_prompt,
+    persona_messages,
+)
 from persllm.eval.interview import PURPOSE as INTERVIEW_Q
 from persllm.eval.interview import Question
 from persllm.eval.metrics import perplexity
 from persllm.progress import Progress
 from persllm.types import Passage, Probe, Sample
 from persllm.variants import TUNED
-
 
 Opener = Callable[[ModelUnderTest], Backend]
 
