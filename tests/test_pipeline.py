@@ -110,3 +110,32 @@ def test_eval_of_the_base_model_needs_no_training(tmp_path: Path, tiny_model: Pa
     assert not (root / "out" / "sft").exists()
     report = json.loads((root / "out" / "eval" / "report.json").read_text())
     assert [m["name"] for m in report["models"]] == ["base", "rag"]
+
+
+def test_failed_smoke_test_is_loud_and_strict_exits_non_zero(tmp_path: Path, tiny_model: Path) -> None:
+    """A tiny random model fails its smoke test legitimately: the summary says so on its own line with an example
+    answer, and `--strict` turns it into exit code 1 naming the stage and smoke.json (also for skipped stages)."""
+    root = persona(tmp_path / "p", 2)
+    with FakeServer() as server:
+        sets = [a for s in [f"teacher=openai:scripted@{server.url}", f"base_model=hf:{tiny_model}", *SMALL]
+                for a in ("--set", s)]
+
+        def train(*extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "persllm", "train", str(root), "--only", "sft", *extra,
+                                   *sets], capture_output=True, text=True, timeout=600, check=False)
+
+        lenient = train()
+        strict = train("--strict")
+    smoke = json.loads((root / "out" / "sft" / "smoke.json").read_text())
+    assert not smoke["ok"] and smoke["problems"]
+    assert lenient.returncode == 0, lenient.stderr[-3000:]
+    flat = " ".join(lenient.stderr.split())
+    assert "SMOKE TEST FAILED (see" in flat  # in the summary row (the table may wrap the cell)
+    warning = next(line for line in lenient.stderr.splitlines() if "smoke test FAILED" in line)
+    assert warning.startswith("WARNING sft smoke test FAILED: " + ", ".join(smoke["problems"]))
+    assert "e.g. " in warning and str(root / "out" / "sft" / "smoke.json") in flat
+    assert strict.returncode == 1, strict.stderr[-3000:]
+    assert status(strict.stderr)["sft"] == "skipped"
+    error = " ".join(strict.stderr.split("Error:", 1)[1].split())
+    assert error.startswith("--strict: the generation smoke test failed for sft (")
+    assert str(root / "out" / "sft" / "smoke.json") in error

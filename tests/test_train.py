@@ -371,3 +371,67 @@ def test_dpo_reference_is_the_sft_model(sft_run: dict[str, Any], dpo_run: dict[s
     base = [s for s, _ in HFBackend(str(tiny_model)).score(requests)]
     assert reference == pytest.approx(sft, abs=2e-3)
     assert reference != pytest.approx(base, abs=2e-3)
+
+
+# -- turn-marker rows ------------------------------------------------------------------------------------------
+def test_turn_marker_rows_are_trained_saved_and_merged(tmp_path: Path, tiny_model: Path) -> None:
+    """Text mode adds no tokens, yet the template's marker rows train (a base model's <end_of_turn> row may be
+    untrained), reach the saved adapter, and are the only embedding rows a merged adapter changes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from persllm.backends.hf import adapter_stack, merge_adapters
+
+    project = make_project(tmp_path / "person", tiny_model)
+    watch = ParamWatch()
+    train_sft(project, make_samples(), GENERAL, tmp_path / "sft", callbacks=[watch])
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    vocab = tokenizer.get_vocab()
+    markers = sorted(vocab[t] for t in template.markers_for(vocab))
+    assert _model.trained_token_ids(tokenizer) == markers
+    assert [n for n in watch.changed if "trainable_tokens_delta" in n] and all(watch.changed.values())
+    adapter = tmp_path / "sft" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == markers
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    before = base.get_input_embeddings().weight.detach().clone()
+    merged = merge_adapters(base, adapter_stack(adapter))
+    after = merged.get_input_embeddings().weight.detach()
+    changed = sorted(torch.nonzero((after - before).abs().sum(dim=1) > 0).flatten().tolist())
+    assert changed == markers  # the marker rows moved, every other row is the base model's
+    assert merged.get_output_embeddings().weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr()
+
+
+def test_cheap_trainable_tokens_match_peft_exactly(tiny_model: Path) -> None:
+    """The patched trainable-token layers give PEFT's logits, loss and row gradients without full-matrix copies."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    ids = [3, 4, 5, 300]
+    results = []
+    for cheap in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear",
+                                                      trainable_token_indices=ids))
+        delta = next(p for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n)
+        with torch.no_grad():
+            delta.add_(torch.randn_like(delta))  # trained rows that differ from the base rows
+        if cheap:
+            assert _model.cheap_trainable_tokens(peft_model) == 2  # the embedding and the tied LM head
+        x = torch.tensor([[2, 4, 10, 300, 11, 5, 5, 12, 3]])
+        out = peft_model(input_ids=x, labels=x)
+        out.loss.backward()
+        results.append((out.logits.detach(), out.loss.detach(), delta.grad.detach().clone()))
+    (logits_a, loss_a, grad_a), (logits_b, loss_b, grad_b) = results
+    assert torch.allclose(logits_a, logits_b, atol=1e-5) and torch.allclose(loss_a, loss_b, atol=1e-6)
+    assert torch.allclose(grad_a, grad_b, atol=1e-6) and grad_b.abs().sum() > 0
+
+
+def test_smoke_budget_follows_the_reference_answers(tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    assert _model.smoke_budget(tokenizer, ["[Response] short."]) == _model.SMOKE_NEW_TOKENS
+    long = " ".join(["[Analysis] I answer from what I know at this time."] * 20)
+    n = len(tokenizer(long, add_special_tokens=False)["input_ids"])
+    assert _model.smoke_budget(tokenizer, ["short", long]) >= 1.5 * (n + 1) > _model.SMOKE_NEW_TOKENS

@@ -34,6 +34,10 @@ class BackendError(PersllmError):
         self.retry_after = retry_after
 
 
+class SmokeTestError(PersllmError):
+    """A tuned model failed its post-training generation check and the run was asked to be strict about it."""
+
+
 class DependencyError(PersllmError):
     """An optional dependency is missing; the message says what to install."""
 

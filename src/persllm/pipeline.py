@@ -112,13 +112,41 @@ def headline(stage: str, stats: dict[str, Any]) -> str:
                 line += "; held-out preference accuracy " + " -> ".join(
                     f"{name} {_num(v.get('accuracy'))}" for name, v in acc.items())
         if stats.get("smoke_warning"):
-            line += "; generation smoke test flagged: " + ", ".join(stats.get("smoke", {}).get("problems", []))
+            line += "; SMOKE TEST FAILED (see below)"
         return line
     if stage == "eval":
         from persllm.eval import headline as eval_headline
 
         return eval_headline(stats)
     return ", ".join(f"{k} {v}" for k, v in stats.items() if isinstance(v, (int, float, str)))[:160]
+
+
+SMOKE_STAGES = ("sft", "dpo")
+
+
+def smoke_failures(outcomes: Sequence[StageOutcome]) -> list[tuple[str, dict[str, Any]]]:
+    """(stage, smoke result) of each SFT/DPO stage in a run, done or skipped, whose generation smoke test failed."""
+    return [(o.stage, o.stats.get("smoke") or {}) for o in outcomes
+            if o.stage in SMOKE_STAGES and o.stats.get("smoke_warning")]
+
+
+def smoke_line(stage: str, smoke: dict[str, Any], path: Path | None = None, width: int = 160) -> str:
+    """One line on a failed smoke test: the problems, how many answers failed, and an excerpt of one of them."""
+    outputs = smoke.get("outputs") or []
+    failed = [o for o in outputs if o.get("problems")]
+    line = f"{stage} smoke test FAILED: {', '.join(smoke.get('problems') or ['no answers'])}"
+    if outputs:
+        line += f" ({len(failed)} of {len(outputs)} answers"
+        line += f", budget {smoke['max_new_tokens']} new tokens)" if smoke.get("max_new_tokens") else ")"
+    if failed:
+        example = failed[0]
+        text = " ".join(str(example.get("text", "")).split())
+        if len(text) > width:
+            text = text[: width - 60].rstrip() + " … " + text[-50:].lstrip()
+        line += f"; e.g. {example.get('question', '')!r} -> {text!r}"
+    if path is not None:
+        line += f"; details: {path}"
+    return line
 
 
 def _num(value: Any) -> str:
@@ -319,7 +347,7 @@ def stages_for(project: Project, stage: str) -> list[str]:
 STAGE_SPECS: dict[str, StageSpec] = {
     "ingest": StageSpec("1", _ingest_config, _run_ingest),
     "construct": StageSpec("1", _construct_config, _run_construct),
-    "sft": StageSpec("1", _sft_config, _run_sft),
+    "sft": StageSpec("2", _sft_config, _run_sft),  # 2: turn-marker rows trained, smoke budget from the data
     "dpo": StageSpec("1", _dpo_config, _run_dpo),
     "eval": StageSpec("1", _eval_config, _run_eval),
 }

@@ -81,11 +81,13 @@ def construct(project: Path, preset: str | None, overrides: Sequence[str], outpu
 @project_options
 @click.option("--only", type=click.Choice(["sft", "dpo"]), default=None, help="Run only one training stage.")
 @click.option("--force", is_flag=True, help="Retrain even if the adapters are current.")
+@click.option("--strict", is_flag=True, help="Exit non-zero (after the summary) when an SFT or DPO smoke test "
+                                             "failed (answers that never stop, loop or lack [Response]).")
 def train(project: Path, preset: str | None, overrides: Sequence[str], output: Path | None, only: str | None,
-          force: bool) -> None:
+          force: bool, strict: bool) -> None:
     """SFT on personified + general data, then automated DPO."""
     stages = ["ingest", "construct"] + ([only] if only else ["sft", "dpo"])
-    _run_stages(load(project, preset, overrides, output), stages, force, force_only=only)
+    _run_stages(load(project, preset, overrides, output), stages, force, force_only=only, strict=strict)
 
 
 @cli.command(name="eval")
@@ -113,15 +115,18 @@ def eval_(project: Path, preset: str | None, overrides: Sequence[str], output: P
 @cli.command()
 @project_options
 @click.option("--force", is_flag=True, help="Redo every stage.")
-def run(project: Path, preset: str | None, overrides: Sequence[str], output: Path | None, force: bool) -> None:
+@click.option("--strict", is_flag=True, help="Exit non-zero (after the summary) when an SFT or DPO smoke test "
+                                             "failed (answers that never stop, loop or lack [Response]).")
+def run(project: Path, preset: str | None, overrides: Sequence[str], output: Path | None, force: bool,
+        strict: bool) -> None:
     """ingest -> construct -> SFT -> DPO -> eval, skipping stages whose outputs are current."""
     from persllm.workspace import STAGES
 
-    _run_stages(load(project, preset, overrides, output), list(STAGES), force)
+    _run_stages(load(project, preset, overrides, output), list(STAGES), force, strict=strict)
 
 
 def _run_stages(project: Any, stages: list[str], force: bool, force_only: str | None = None,
-                needs_upstream: bool = False) -> None:
+                needs_upstream: bool = False, strict: bool = False) -> None:
     from persllm import pipeline
 
     if needs_upstream:
@@ -136,8 +141,19 @@ def _run_stages(project: Any, stages: list[str], force: bool, force_only: str | 
     rows = [[o.stage, "skipped (up to date)" if o.skipped else "done", f"{o.seconds:.0f}s" if not o.skipped else "-",
              escape(pipeline.headline(o.stage, o.stats))] for o in outcomes]
     console.print(summary_table("Summary", rows, ["stage", "status", "time", "result"]))
+    failed = pipeline.smoke_failures(outcomes)
+    ws = pipeline.workspace(project)
+    for stage, smoke in failed:
+        line = pipeline.smoke_line(stage, smoke, ws.stage_dir(stage) / "smoke.json")
+        console.print(f"[bold red]WARNING[/bold red] {escape(line)}", highlight=False, soft_wrap=True)
     if "eval" in stages:
-        _print_eval(pipeline.workspace(project).stage_dir("eval"))
+        _print_eval(ws.stage_dir("eval"))
+    if strict and failed:
+        from persllm.errors import SmokeTestError
+
+        raise SmokeTestError("--strict: the generation smoke test failed for " + ", ".join(
+            f"{stage} ({', '.join(smoke.get('problems') or ['no answers'])}; {ws.stage_dir(stage) / 'smoke.json'})"
+            for stage, smoke in failed))
 
 
 @cli.command()

@@ -76,8 +76,31 @@ def evaluate(project: Project, ws: Workspace, progress: Progress = NULL, *, open
                           embed_note)
     report["timings"] = {"models": {r.model.name: round(r.seconds, 1) for r in runs.values()},
                          "judge": round(judge_seconds, 1), "total": round(time.monotonic() - started, 1)}
+    report["smoke"] = training_smoke(ws)
     _write(ws, report, runs, plan, judges)
     return stats(report)
+
+
+def training_smoke(ws: Workspace, excerpt: int = 300) -> dict[str, dict[str, Any]]:
+    """The SFT/DPO post-training smoke tests (from each finished stage's stats.json): ok, problems, one answer."""
+    import json
+
+    found: dict[str, dict[str, Any]] = {}
+    for stage in TUNED:
+        path = ws.stage_dir(stage) / "stats.json"
+        if ws.manifest(stage) is None or not path.is_file():
+            continue
+        smoke = json.loads(path.read_text(encoding="utf-8")).get("smoke") or {}
+        if not smoke:  # trained before persllm recorded smoke tests
+            continue
+        outputs = smoke.get("outputs") or []
+        shown = next((o for o in outputs if o.get("problems")), outputs[0] if outputs else None)
+        example = None if shown is None else {
+            "question": shown.get("question", ""), "text": str(shown.get("text", ""))[:excerpt],
+            "tokens": shown.get("tokens"), "problems": shown.get("problems", [])}
+        found[stage] = {"ok": bool(smoke.get("ok", False)), "problems": smoke.get("problems", []),
+                        "example": example, "path": str(ws.stage_dir(stage) / "smoke.json")}
+    return found
 
 
 def fingerprint_config(project: Project) -> dict[str, Any]:

@@ -127,7 +127,30 @@ def _setup(r: dict[str, Any]) -> str:
     data_html = (f"<p>Held-out questions: {data['heldout_questions']} ({escape(by_stage)});"
                  f" probes: {data['probes']} ({escape(data['probe_sources'])}); held-out passages of the persona's own "
                  f"words: {data['heldout_words']}.</p>")
-    return _section("setup", _table(["model", "what", "prompting", "time"], rows), judge_html, seed_html, data_html)
+    return _section("setup", _smoke(r), _table(["model", "what", "prompting", "time"], rows), judge_html, seed_html,
+                    data_html)
+
+
+def _smoke(r: dict[str, Any]) -> str:
+    """A warning box when a tuned model failed its post-training generation smoke test (else one quiet line)."""
+    smoke = r.get("smoke") or {}
+    failed = {k: v for k, v in smoke.items() if not v.get("ok")}
+    if not failed:
+        return (f"<p class='note' id='smoke'>Post-training smoke tests passed: {escape(', '.join(smoke))}.</p>"
+                if smoke else "")
+    parts = []
+    for stage, result in failed.items():
+        example = result.get("example") or {}
+        line = f"<p><b>{escape(stage)}</b>: {escape(', '.join(result.get('problems') or ['no answers']))}"
+        if example:
+            line += (f" · e.g. <i>{escape(example.get('question', ''))}</i></p>"
+                     f"<pre>{escape(example.get('text', ''))}</pre>")
+        else:
+            line += "</p>"
+        parts.append(line + f"<p class='note'>details: {escape(result.get('path', ''))}</p>")
+    return ("<div class='warn' id='smoke'><p><b>Smoke test failed</b>: after training, greedy answers to training "
+            "prompts did not end at the end-of-turn marker, looped, or lacked [Response]. The scores below describe "
+            "a model that does not answer properly.</p>" + "".join(parts) + "</div>")
 
 
 def _distinction(r: dict[str, Any], models: list[str], palette: dict[str, str]) -> str:

@@ -93,9 +93,14 @@ def train_dpo(project: Project, pairs: Sequence[PreferencePair], sft_dir: Path, 
             tracker.close()
         target = out_dir / ("model" if full else "adapter")
         stack = None if full else stack_meta(target, start.stack, start.base_path)
-        prompts = list({p.prompt: list(p.prompt) for p in pairs}.values())[:SMOKE_PROMPTS]
+        firsts: dict[Any, PreferencePair] = {}
+        for pair in pairs:
+            firsts.setdefault(pair.prompt, pair)
+        smoke_pairs = list(firsts.values())[:SMOKE_PROMPTS]
+        prompts = [list(p.prompt) for p in smoke_pairs]
+        budget = _model.smoke_budget(tokenizer, [p.chosen for p in smoke_pairs])
         metrics, smoke = finish_run(trainer, tokenizer, out_dir, ckpt_dir, target, stack, prompts,
-                                    project.sft.keep_cot)
+                                    project.sft.keep_cot, max_new_tokens=budget)
     last = metrics[-1] if metrics else {}
     return run_stats(trainer, result, metrics, smoke, started, checkpoint, fast) | {
         "method": method, "pairs": len(records), "dropped_too_long": too_long, "sanity": sanity,

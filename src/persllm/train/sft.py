@@ -19,7 +19,7 @@ from persllm.config import Project, resolved_dict
 from persllm.errors import DataError
 from persllm.progress import NULL, Progress
 from persllm.train import _model, dist
-from persllm.train.data import build_sft_records, sample_prompt
+from persllm.train.data import answer_text, build_sft_records, sample_prompt
 from persllm.types import Message, Sample
 from persllm.workspace import atomic_dir, atomic_path, write_json, write_jsonl
 
@@ -51,10 +51,12 @@ def train_sft(project: Project, samples: Sequence[Sample], general: Sequence[Seq
         finally:
             run.tracker.close()
         target = run.out_dir / ("model" if sft.method == "full" else "adapter")
-        prompts = [sample_prompt(project, s) for s in smoke_samples(samples, project.seed)]
+        picked = smoke_samples(samples, project.seed)
+        prompts = [sample_prompt(project, s) for s in picked]
+        budget = _model.smoke_budget(run.tokenizer, [answer_text(project, s.analysis, s.response) for s in picked])
         stack = None if sft.method == "full" else stack_meta(target, run.loaded.below, run.loaded.base_path)
         metrics, smoke = finish_run(trainer, run.tokenizer, run.out_dir, run.ckpt_dir, target, stack, prompts,
-                                    sft.keep_cot)
+                                    sft.keep_cot, max_new_tokens=budget)
     return run_stats(trainer, result, metrics, smoke, started, run.checkpoint, run.fast) | {
         "method": sft.method, "samples": run.counts, "output": str(target),
         "trainable_parameters": trainable_parameters(trainer.model)}
@@ -100,10 +102,11 @@ def prepare_sft(project: Project, samples: Sequence[Sample], general: Sequence[S
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    peft_config = None if sft.method == "full" else _model.lora_config(sft, loaded.new_token_ids, model)
+    peft_config = None if sft.method == "full" else _model.lora_config(sft, loaded.token_rows, model)
     ckpt_dir = out_dir / "checkpoints"
     fingerprint = run_fingerprint("sft", resolved_dict(sft), project.seed, loaded.base_path,
-                                  [str(p) for p in loaded.below], records)
+                                  [str(p) for p in loaded.below], records,
+                                  {"token_rows": loaded.token_rows} if peft_config is not None else {})
     checkpoint = prepare_checkpoints(ckpt_dir, fingerprint, resume, progress)
     args = SFTConfig(
         **common_args(project, ckpt_dir, learning_rate=sft.learning_rate, epochs=sft.epochs,
@@ -285,6 +288,7 @@ def finish_setup(trainer: Any) -> None:
 
     trainer.remove_callback(PrinterCallback)  # library code never prints; logs go to metrics.jsonl
     _model.patch_tied_head(trainer.model)
+    _model.cheap_trainable_tokens(trainer.model)
 
 
 def stack_meta(target: Path, below: Sequence[Path], base: str) -> dict[str, Any]:
@@ -293,8 +297,8 @@ def stack_meta(target: Path, below: Sequence[Path], base: str) -> dict[str, Any]
 
 
 def finish_run(trainer: Any, tokenizer: Any, out_dir: Path, ckpt_dir: Path, target: Path,
-               stack: dict[str, Any] | None, prompts: Sequence[Sequence[Message]],
-               keep_cot: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+               stack: dict[str, Any] | None, prompts: Sequence[Sequence[Message]], keep_cot: bool,
+               max_new_tokens: int = _model.SMOKE_NEW_TOKENS) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """After training: save the result, metrics, curves and smoke test, drop the checkpoints; (metrics, smoke).
 
     Call on every rank: a sharded model is gathered from all of them, then rank 0 alone writes.
@@ -304,7 +308,8 @@ def finish_run(trainer: Any, tokenizer: Any, out_dir: Path, ckpt_dir: Path, targ
         return metric_rows(trainer.state.log_history), OTHER_RANK_SMOKE
     save_final(trainer.model, tokenizer, target, stack, state_dict)
     metrics = write_metrics(out_dir, trainer.state.log_history)
-    smoke = SHARDED_SMOKE if state_dict is not None else _model.smoke_test(trainer.model, tokenizer, prompts, keep_cot)
+    smoke = (SHARDED_SMOKE if state_dict is not None
+             else _model.smoke_test(trainer.model, tokenizer, prompts, keep_cot, max_new_tokens=max_new_tokens))
     write_json(out_dir / "smoke.json", smoke)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the saved model is the result
     return metrics, smoke
