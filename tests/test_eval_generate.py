@@ -152,6 +152,8 @@ def test_few_shot_baseline_only_for_base_models_without_a_chat_template_of_their
     assert cut_few_shot(" I studied in Vienna.\n\nQuestion: And then?\nTest Person: x", "en") == (
         "I studied in Vienna.", True)
     assert cut_few_shot(" I studied", "en") == ("I studied", False)
+    assert cut_few_shot(" Yes, I saw it.\nTest Person: Yes, I saw it.", "en") == ("Yes, I saw it.", True)
+    assert cut_few_shot("我没见过。\n鲁迅：我没见过。", "zh") == ("我没见过。", True)
 
 
 def test_has_own_chat_template_tells_persllms_from_a_models_own() -> None:

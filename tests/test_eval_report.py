@@ -133,3 +133,28 @@ def test_html_opens_in_headless_chromium_without_errors(evaluated: dict[str, Any
     for title in ("Distinction", "Probes", "Anti-induction", "IPIP-NEO-120", "Precision", "Ranking",
                   "Paired comparisons on the same probes", "Answer format", "few-shot"):
         assert title in text
+
+
+def test_format_failures_count_analysis_shown_as_the_answer() -> None:
+    from persllm.eval.criteria import analysis_phrases, format_failures
+    from persllm.eval.generate import Answer
+    from persllm.prompts import load_prompts
+
+    def answer(key: str, text: str, finish: str = "stop") -> Answer:
+        from persllm import template
+        return Answer("m", key, "probe", key, "x", "early", "Q?", text, template.visible_answer(text), 0, 0.0,
+                      finish=finish)
+
+    phrases = analysis_phrases(load_prompts("en").get("grounded.analysis"), "Ada Lovelace")
+    answers = [answer("ok", "[Analysis] a\n[Response] I met Mr Babbage in 1833."),
+               answer("second", "[Response] I met him.\n[Analysis] Ada Lovelace answers from memory."),
+               answer("leak", "[Response] I met him. Ada Lovelace answers from memory."),
+               answer("opens", "[Response] No false premise. Relevant: the engine."),
+               answer("long", "[Response] I met him and then I", finish="length"),
+               answer("only", "[Analysis] No false premise."),
+               answer("notag", "I met him.")]
+    result = format_failures(answers, True, "Ada Lovelace", "", phrases)
+    assert result["rate"]["n"] == 7 and result["rate"]["mean"] == round(6 / 7, 3)
+    assert result["counts"] == {"no_stop": 1, "no_response": 2, "analysis_in_answer": 3, "empty": 1}
+    plain = format_failures([answers[-1]], False, "Ada Lovelace", "", phrases)  # a few-shot baseline's plain text
+    assert plain["rate"]["mean"] == 0.0

@@ -348,7 +348,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # eval: per model one decoding pass (~26 rows x 40 tokens, ~16 s), one IPIP pass per stage (~5 s each) and
         # one scoring pass on 2 idle cores; with loading and ~12 embedded-judge calls about 2 minutes for base, sft
         # and dpo (measured 35 s for base alone).
-        "eval": {"max_probes": 30, "max_new_tokens": 40, "heldout_questions": 2, "think": False,
+        "eval": {"max_probes": 30, "max_new_tokens": 80, "heldout_questions": 2, "think": False,
                  "ipip_interview_items": 0, "judge_items": 1, "judge_repeats": 1, "judge_retries": 0,
                  "judge_max_tokens": 24},
     },

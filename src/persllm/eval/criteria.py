@@ -113,12 +113,25 @@ _ANALYSIS_OPENINGS = ("no false premise", "false premise", "relevant:", "what {n
                       "{name}'s own view", "the user ", "nothing in it is false", "this tries to make", "analysis:")
 
 
-def format_failures(answers: Sequence[Answer], keep_cot: bool, name: str, forced: str = "") -> dict[str, Any]:
+def analysis_phrases(analysis_templates: dict[str, str], name: str) -> tuple[str, ...]:
+    """Literal pieces of persllm's analysis sentences (prompts grounded.analysis) with the persona's name filled in:
+    found in a visible answer, they are the analysis leaking into what the user reads."""
+    out = []
+    for text in analysis_templates.values():
+        for piece in re.split(r"\{(?!name\})\w+\}", text.replace("{name}", name)):
+            piece = piece.strip(" .。,，").lower()
+            if len(piece) >= (6 if re.search(r"[\u4e00-\u9fff]", piece) else 18):
+                out.append(piece)
+    return tuple(dict.fromkeys(out))
+
+
+def format_failures(answers: Sequence[Answer], keep_cot: bool, name: str, forced: str = "",
+                    phrases: Sequence[str] = ()) -> dict[str, Any]:
     """Share of greedy answers that leave the trained format: no end, analysis shown as the answer, tags out of place.
 
     Counted per answer (probes and held-out questions): `no_stop` (the token budget ran out), `no_response`
-    (CoT format without a [Response]), `analysis_in_answer` (the visible answer opens like an analysis or a second
-    [Analysis] follows the response), `empty` (nothing visible).
+    (CoT format without a [Response]), `analysis_in_answer` (the visible answer opens like an analysis, contains
+    one of the analysis `phrases`, or a second [Analysis] follows the response), `empty` (nothing visible).
     """
     from persllm import template
 
@@ -132,12 +145,12 @@ def format_failures(answers: Sequence[Answer], keep_cot: bool, name: str, forced
         if answer.finish == "length":
             problems.append("no_stop")
         raw = answer.text
-        tags = [m.group(0).lower() for m in re.finditer(r"\[\s*(?:analysis|response)\s*\]", raw, re.IGNORECASE)]
-        if keep_cot and template.RESPONSE_TAG.lower() not in [t.replace(" ", "") for t in tags]:
+        if keep_cot and not re.search(r"\[\s*response\s*\]", raw, re.IGNORECASE):
             problems.append("no_response")
         after = raw.lower().split(template.RESPONSE_TAG.lower(), 1)[1] if template.RESPONSE_TAG.lower() in \
             raw.lower() else ""
-        if answer.visible.strip().lower().startswith(openings) or template.ANALYSIS_TAG.lower() in after:
+        visible = answer.visible.strip().lower()
+        if visible.startswith(openings) or any(p in visible for p in phrases) or template.ANALYSIS_TAG.lower() in after:
             problems.append("analysis_in_answer")
         if not answer.visible.strip():
             problems.append("empty")
@@ -148,7 +161,7 @@ def format_failures(answers: Sequence[Answer], keep_cot: bool, name: str, forced
             examples.append({"key": answer.key, "problems": problems, "text": raw[:300]})
     n = len(failed)
     return {"rate": rate_ci(sum(failed), n).as_dict(), "counts": counts, "examples": examples, "forced_prefix": forced,
-            "applies": keep_cot}
+            "cot_format": keep_cot}
 
 
 def rouge(answers: Sequence[Answer], heldout: Sequence[Sample]) -> dict[str, Any]:

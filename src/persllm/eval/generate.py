@@ -8,6 +8,8 @@ for the first sample and S+1 for the second.
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -195,10 +197,16 @@ def few_shot_prompt(project: Project, stage: str, question: str, shots: FewShot,
     return "\n\n".join(parts)
 
 
+_SPEAKER = re.compile(r"\n\s*[^\n:：]{1,40}[:：]")  # "\nAda Lovelace:" -- the model writing the next turn itself
+
+
 def cut_few_shot(text: str, language: str) -> tuple[str, bool]:
-    """The answer a few-shot continuation gives, cut where it starts the next question; (text, cut)."""
+    """The answer a few-shot continuation gives, cut where it starts the next question or turn; (text, cut)."""
     form = FEW_SHOT.get(language, FEW_SHOT["en"])
     ends = [i for i in (text.find(e) for e in form["ends"]) if i >= 0]
+    speaker = _SPEAKER.search(text)
+    if speaker:
+        ends.append(speaker.start())
     return (text[: min(ends)].strip(), True) if ends else (text.strip(), False)
 
 

@@ -14,6 +14,7 @@ from persllm.eval.generate import ModelUnderTest
 from persllm.eval.interview import interview_report
 from persllm.eval.judging import Judges
 from persllm.eval.runner import ModelRun, Persona, Plan
+from persllm.prompts import load_prompts
 
 
 def build_report(project: Project, models: Sequence[ModelUnderTest], runs: dict[str, ModelRun], plan: Plan,
@@ -26,6 +27,7 @@ def build_report(project: Project, models: Sequence[ModelUnderTest], runs: dict[
     prompts = {s.id: (template.system_prompt(template.context_for(project, s.id)), s.description.strip())
                for s in project.stages}
     probe_scores = {m: criteria.probe_scores(runs[m].answers, plan.probes, prompts) for m in names}
+    leaks = criteria.analysis_phrases(load_prompts(project.language).get("grounded.analysis"), project.name)
     for m in names:
         judged = [o for o in verdicts.get("probe", []) if o.task.model == m]
         probe_scores[m]["judge"] = criteria.judged(judged, lambda o: o.task.meta["kind"])
@@ -61,8 +63,10 @@ def build_report(project: Project, models: Sequence[ModelUnderTest], runs: dict[
                              for k in sorted({p.kind for p in plan.probes})},
                    "models": probe_scores},
         "anti_induction": {"models": {m: criteria.anti_induction(probe_scores[m]) for m in names}},
-        "format": {"models": {m: criteria.format_failures(runs[m].answers, project.sft.keep_cot, project.name,
-                                                          plan.decoding.prefix) for m in names},
+        # A few-shot baseline answers in plain text: [Response] is no part of its format, stopping still is.
+        "format": {"models": {m: criteria.format_failures(runs[m].answers, project.sft.keep_cot
+                                                          and not runs[m].prompting, project.name,
+                                                          plan.decoding.prefix, leaks) for m in names},
                    "rule": "share of greedy answers (probes and held-out questions) that leave the trained format: "
                            "no end marker within the budget, no [Response] (CoT format), analysis shown as the "
                            "answer (a visible answer opening like an analysis, or a second [Analysis] after the "
