@@ -338,16 +338,16 @@ class Project:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    # Sized so `persllm run examples/ada-lovelace --preset demo` finishes in about 12 minutes on 2 CPU cores
-    # (measured 11.5: construct 37 s, SFT 30 steps at ~9 s 306 s, DPO 10 steps + held-out preference accuracy
-    # 237 s, eval 111 s), leaving room for the one-time model preparation on a fresh machine.
+    # Sized so `persllm run examples/ada-lovelace --preset demo` finishes in about 15 minutes on 2 CPU cores
+    # (measured on an idle machine for examples/lu-xun: construct 5-11 min the first time, SFT 30 steps 231 s,
+    # DPO 10 steps + held-out preference accuracy 148 s, eval 125 s), plus the one-time model preparation.
     "demo": {
         "construct": {"questions_per_passage": 2, "max_per_stage": 12, "general_per_stage": 3, "max_tokens": 256},
         "sft": {"max_steps": 30, "batch_size": 4, "max_length": 320, "repeat": 1, "save_steps": 15},
         "dpo": {"max_steps": 10, "batch_size": 2, "max_length": 320, "pairs_per_sample": 1, "save_steps": 5},
-        # eval: per model one decoding pass (~26 rows x 40 tokens, ~16 s), one IPIP pass per stage (~5 s each) and
-        # one scoring pass on 2 idle cores; with loading and ~12 embedded-judge calls about 2 minutes for base, sft
-        # and dpo (measured 35 s for base alone).
+        # eval: 30 probes, the fewest that show a large paired difference (docs/probes.md); per model one decoding
+        # pass (~46 rows x 80 tokens), one IPIP pass per stage and one scoring pass: about 2 minutes for base, sft
+        # and dpo together (measured 125 s, ~35 s per model).
         "eval": {"max_probes": 30, "max_new_tokens": 80, "heldout_questions": 2, "think": False,
                  "ipip_interview_items": 0, "judge_items": 1, "judge_repeats": 1, "judge_retries": 0,
                  "judge_max_tokens": 24},
