@@ -23,6 +23,7 @@ from persllm.construct.retrieval import Retriever
 from persllm.errors import DataError
 from persllm.eval.criteria import by_key, judged
 from persllm.eval.judge import Outcome, Task, score_parser
+from persllm.eval.probes import file_problems
 from persllm.prompts import Prompts
 from persllm.types import Passage
 
@@ -36,7 +37,6 @@ FIELDS = ("id", "question", "topic", "stage")
 DOCS = "docs/interviews.md"
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _MATERIAL_TOKENS = 500
-_MAX_SHOWN = 20
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,7 @@ def load_interview(path: str | Path, stages: Sequence[str]) -> list[Question]:
         questions.append(Question(qid, item["question"].strip(), (stage,) if stage else tuple(stages),
                                   (item.get("topic") or "").strip()))
     if problems:
-        shown = problems[:_MAX_SHOWN] + ([f"... and {len(problems) - _MAX_SHOWN} more"] if len(problems) > _MAX_SHOWN
-                                         else [])
-        raise DataError(f"{len(problems)} problem(s) in interview file {path} (format: {DOCS}):\n  "
-                        + "\n  ".join(shown))
+        raise file_problems("interview file", path, problems, DOCS)
     if not questions:
         raise DataError(f"{path}: no questions; write a JSON list of questions or one per line (format: {DOCS})")
     return questions

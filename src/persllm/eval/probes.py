@@ -39,8 +39,8 @@ _ECHO_QUESTION = 0.8  # share of the question's tokens repeated in one run: the 
 # Tokens in one run shared with the system prompt's instructions (or, longer, with the stage description, which a
 # persona may rightly paraphrase): the answer recites its prompt. A CJK token is one character, so CJK runs are longer.
 _ECHO_PROMPT = {"instructions": (5, 8), "description": (10, 14)}
-_REPEAT_N, _REPEAT_TIMES = 6, 3
-_YEAR = re.compile(r"(?<!\d)(1\d{3}|20\d{2})(?!\d)")  # a token 6-gram seen 3 times in one short answer: the model loops
+_REPEAT_N, _REPEAT_TIMES = 6, 3  # a token 6-gram seen 3 times in one short answer: the model loops
+_YEAR = re.compile(r"(?<!\d)(1\d{3}|20\d{2})(?!\d)")
 _KIND = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _MAX_SHOWN = 20
 
@@ -84,13 +84,17 @@ def load_probes(path: str | Path, stages: Sequence[str]) -> list[Probe]:
         first_line[data["id"]] = number
         probes.append(probe_from_json(data, stages))
     if problems:
-        shown = problems[:_MAX_SHOWN] + ([f"... and {len(problems) - _MAX_SHOWN} more"] if len(problems) > _MAX_SHOWN
-                                         else [])
-        raise DataError(f"{len(problems)} problem(s) in probe file {path} (format: docs/probes.md):\n  "
-                        + "\n  ".join(shown))
+        raise file_problems("probe file", path, problems, "docs/probes.md")
     if not probes:
         raise DataError(f"{path}: no probes; write one JSON object per line (format: docs/probes.md)")
     return probes
+
+
+def file_problems(what: str, path: Path, problems: Sequence[str], docs: str) -> DataError:
+    """One error listing every 'file:line: problem' of a user file (the first 20, then how many more)."""
+    shown = list(problems[:_MAX_SHOWN]) + ([f"... and {len(problems) - _MAX_SHOWN} more"]
+                                           if len(problems) > _MAX_SHOWN else [])
+    return DataError(f"{len(problems)} problem(s) in {what} {path} (format: {docs}):\n  " + "\n  ".join(shown))
 
 
 def _check(data: Any, stages: Sequence[str]) -> list[str]:
