@@ -80,4 +80,4 @@ def test_config_validation(project_dir: Path) -> None:
     assert _ipip_stages(load_project(project_dir)) == ["early", "late"]
     assert _ipip_stages(load_project(project_dir, overrides=["eval.ipip=false"])) == []
     project = load_project(project_dir, preset="demo")
-    assert project.eval.think is False and project.eval.max_new_tokens == 40
+    assert project.eval.think is False and project.eval.max_new_tokens == 80 and project.eval.max_probes >= 24

@@ -435,3 +435,28 @@ def test_smoke_budget_follows_the_reference_answers(tiny_model: Path) -> None:
     long = " ".join(["[Analysis] I answer from what I know at this time."] * 20)
     n = len(tokenizer(long, add_special_tokens=False)["input_ids"])
     assert _model.smoke_budget(tokenizer, ["short", long]) >= 1.5 * (n + 1) > _model.SMOKE_NEW_TOKENS
+
+
+class GroupWatch(TrainerCallback):
+    """Records, after each step, every optimizer group's learning rate and whether it holds token rows."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[tuple[float, bool]]] = []
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                    **kwargs: Any) -> None:
+        rows = {id(p) for n, p in model.named_parameters() if "trainable_tokens_delta" in n}
+        self.steps.append([(g["lr"], any(id(p) in rows for p in g["params"])) for g in optimizer.param_groups])
+
+
+def test_token_rows_learn_at_their_own_rate(tmp_path: Path, tiny_model: Path) -> None:
+    """The marker rows get one optimizer group of their own at sft.token_lr_ratio times every other group's rate."""
+    project = make_project(tmp_path / "person", tiny_model, "sft.token_lr_ratio=10")
+    watch = GroupWatch()
+    train_sft(project, make_samples(), GENERAL, tmp_path / "sft", callbacks=[watch])
+    assert watch.steps
+    for groups in watch.steps:
+        rows = [lr for lr, has_rows in groups if has_rows]
+        others = {lr for lr, has_rows in groups if not has_rows and lr > 0}
+        assert len(rows) == 1 and others  # the rows left their group for one of their own
+        assert all(rows[0] == pytest.approx(10 * lr) for lr in others)  # warmup and decay scale both alike

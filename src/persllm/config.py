@@ -156,6 +156,9 @@ class SFTConfig:
     """Stop after this many optimizer steps (-1 = use epochs)."""
     learning_rate: float = 2e-4
     """Peak learning rate."""
+    token_lr_ratio: float = 10.0
+    """Learning rate of the trained token rows (turn markers, time tokens) relative to learning_rate: an untrained
+    end-of-turn row must move far from the unused tokens it sits among before the model can stop (lora/qlora)."""
     batch_size: int = 4
     """Sequences per device per step."""
     grad_accum: int = 1

@@ -125,7 +125,7 @@ def fingerprint_config(project: Project) -> dict[str, Any]:
     return {"eval": resolved_dict(project.eval), "judge": judge_spec.spec, "teacher": project.teacher.spec,
             "seed": project.seed, "peers": peers, "probe_file": digest, "interview_file": interview_digest,
             "keep_cot": project.sft.keep_cot,
-            "temporal_labels": project.sft.temporal_labels, "version": "1"}
+            "temporal_labels": project.sft.temporal_labels, "version": "2"}  # 2: evidence probes, paired tests
 
 
 # -- what to ask ------------------------------------------------------------------------------------------------------

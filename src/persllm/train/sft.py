@@ -119,7 +119,7 @@ def prepare_sft(project: Project, samples: Sequence[Sample], general: Sequence[S
     trainer = lean_save(SFTTrainer)(model=model, args=args, train_dataset=Dataset.from_list(records),
                                     processing_class=copy.deepcopy(loaded.tokenizer), peft_config=peft_config,
                                     callbacks=[tracker, *callbacks])
-    finish_setup(trainer)
+    finish_setup(trainer, sft.token_lr_ratio if sft.method != "full" else 1.0)
     return SFTRun(trainer=trainer, tokenizer=loaded.tokenizer, loaded=loaded, counts=counts, out_dir=out_dir,
                   ckpt_dir=ckpt_dir, checkpoint=checkpoint, tracker=tracker, fast=fast)
 
@@ -282,13 +282,45 @@ def lean_save(trainer_cls: type) -> type:
     return Lean
 
 
-def finish_setup(trainer: Any) -> None:
-    """Trainer tweaks after construction: no printed logs, and TRL's fused head working with trainable tokens."""
+def finish_setup(trainer: Any, token_lr_ratio: float = 1.0) -> None:
+    """Trainer tweaks after construction: no printed logs, TRL's fused head working with trainable tokens, and the
+    token rows' own learning rate."""
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # library code never prints; logs go to metrics.jsonl
     _model.patch_tied_head(trainer.model)
     _model.cheap_trainable_tokens(trainer.model)
+    if token_lr_ratio != 1.0:
+        _token_rows_lr(trainer, token_lr_ratio)
+
+
+def _token_rows_lr(trainer: Any, ratio: float) -> None:
+    """Give the trainable token rows their own optimizer group at `ratio` times the learning rate.
+
+    At the adapter's 2e-4 a demo's 30 Adam steps moved Gemma's untrained <end_of_turn> row 5.6% of its norm: enough
+    for some prompts to stop, not all. The scheduler scales each group from its own initial rate, so warmup and
+    decay apply to both groups alike.
+    """
+    original = trainer.create_optimizer
+
+    def create_optimizer(*args: Any, **kwargs: Any) -> Any:
+        optimizer = original(*args, **kwargs)
+        rows = {id(p) for n, p in trainer.model.named_parameters() if "trainable_tokens_delta" in n and p.requires_grad}
+        if not rows or getattr(optimizer, "_persllm_token_group", False):
+            return optimizer
+        moved = []
+        for group in optimizer.param_groups:
+            taken = [p for p in group["params"] if id(p) in rows]
+            if taken:
+                group["params"] = [p for p in group["params"] if id(p) not in rows]
+                moved.append({**{k: v for k, v in group.items() if k != "params"}, "params": taken,
+                              "lr": group["lr"] * ratio})
+        for group in moved:
+            optimizer.add_param_group(group)
+        optimizer._persllm_token_group = True
+        return optimizer
+
+    trainer.create_optimizer = create_optimizer
 
 
 def stack_meta(target: Path, below: Sequence[Path], base: str) -> dict[str, Any]:
