@@ -23,7 +23,7 @@ from persllm.construct.retrieval import Retriever
 from persllm.errors import DataError
 from persllm.eval.criteria import by_key, judged
 from persllm.eval.judge import Outcome, Task, score_parser
-from persllm.eval.probes import file_problems
+from persllm.eval.probes import file_problems, read_user_file
 from persllm.prompts import Prompts
 from persllm.types import Passage
 
@@ -57,13 +57,8 @@ def interview_path(project: Project) -> Path | None:
 def load_interview(path: str | Path, stages: Sequence[str]) -> list[Question]:
     """Read and validate an interview file; every problem is reported at once as 'file:line: what is wrong'."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError as exc:
-        raise DataError(f"interview file not found: {path}; set eval.interview to an existing file "
-                        f"(relative to the project directory; format: {DOCS})") from exc
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 (byte {exc.start}); save the interview file as UTF-8") from exc
+    text = read_user_file(path, "interview file", "set eval.interview to an existing file (relative to the project "
+                          f"directory; format: {DOCS})")
     problems: list[str] = []
     items = _json_list(text, path, problems) if text.lstrip().startswith("[") else _json_lines(text, path, problems)
     questions: list[Question] = []

@@ -58,12 +58,7 @@ class ProbeResult:
 def load_probes(path: str | Path, stages: Sequence[str]) -> list[Probe]:
     """Read and validate a probe file; every problem is reported at once as 'file:line: what is wrong'."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError as exc:
-        raise DataError(f"probe file not found: {path}") from exc
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 (byte {exc.start}); save the probe file as UTF-8") from exc
+    lines = read_user_file(path, "probe file").splitlines()
     probes: list[Probe] = []
     problems: list[str] = []
     first_line: dict[str, int] = {}
@@ -88,6 +83,16 @@ def load_probes(path: str | Path, stages: Sequence[str]) -> list[Probe]:
     if not probes:
         raise DataError(f"{path}: no probes; write one JSON object per line (format: docs/probes.md)")
     return probes
+
+
+def read_user_file(path: Path, what: str, hint: str = "") -> str:
+    """The text of a user's UTF-8 file (a BOM is dropped); a missing or undecodable file says so and what to do."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError as exc:
+        raise DataError(f"{what} not found: {path}" + (f"; {hint}" if hint else "")) from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 (byte {exc.start}); save the {what} as UTF-8") from exc
 
 
 def file_problems(what: str, path: Path, problems: Sequence[str], docs: str) -> DataError:
