@@ -145,6 +145,17 @@ def split_answer(text: str) -> tuple[str, str]:
     return analysis, (rest[: after.start()] if after else rest).strip()
 
 
+def has_response(text: str) -> bool:
+    """True if the output has a [Response] tag (in any spacing or case the parser accepts)."""
+    return _RESPONSE_RE.search(text) is not None
+
+
+def tag_after_response(text: str) -> bool:
+    """True if another [Analysis] or [Response] follows the response: the model went on past its answer."""
+    match = _RESPONSE_RE.search(text)
+    return match is not None and _ANY_TAG_RE.search(text, match.end()) is not None
+
+
 def visible_answer(text: str) -> str:
     """What a user sees: the response without the analysis; an analysis that never reached [Response] shows nothing.
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from persllm.errors import DataError, PersllmError
+from persllm.eval.report import fmt
 
 NOT_COMPARABLE = "judged numbers are not comparable"
 
@@ -112,7 +113,7 @@ def headlines(report: dict[str, Any], model: str) -> dict[str, str]:
         out["probe pass"] = f"{probes.get('passed', 0)}/{probes.get('n', 0)} ({_pct(probes.get('mean'))})"
     precision = report.get("precision") or {}
     ppl = (precision.get("perplexity") or {}).get(model) or {}
-    out["perplexity"] = _num(ppl.get("overall")) if "overall" in ppl else "n/a"
+    out["perplexity"] = fmt(ppl.get("overall")) if "overall" in ppl else "n/a"
     for aspect, value in ((precision.get("accuracy") or {}).get("models", {}).get(model) or {}).items():
         out[f"judge accuracy: {aspect} (0-5)"] = _estimate(value)
     ranking = (report.get("ranking") or {}).get("models", {}).get(model)
@@ -129,14 +130,7 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
-def _num(value: Any, digits: int = 2) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def _estimate(value: dict[str, Any] | None) -> str:
-    if not value or value.get("mean") is None:
-        return "n/a" + (f" ({value['missing']} missing)" if value and value.get("missing") else "")
-    text = f"{value['mean']:.2f}"
-    if value.get("low") is not None:
-        text += f" [{value['low']:.2f}, {value['high']:.2f}]"
-    return text + f" n={value.get('n', 0)}" + (f" ({value['missing']} missing)" if value.get("missing") else "")
+    """The report's 'mean [low, high] n=N', and how many items the judge left unscored."""
+    text = fmt(value) if value and value.get("mean") is not None else "n/a"
+    return text + (f" ({value['missing']} missing)" if value and value.get("missing") else "")

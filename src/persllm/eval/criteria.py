@@ -145,12 +145,10 @@ def format_failures(answers: Sequence[Answer], keep_cot: bool, name: str, forced
         if answer.finish == "length":
             problems.append("no_stop")
         raw = answer.text
-        if keep_cot and not re.search(r"\[\s*response\s*\]", raw, re.IGNORECASE):
+        if keep_cot and not template.has_response(raw):
             problems.append("no_response")
-        after = raw.lower().split(template.RESPONSE_TAG.lower(), 1)[1] if template.RESPONSE_TAG.lower() in \
-            raw.lower() else ""
         visible = answer.visible.strip().lower()
-        if visible.startswith(openings) or any(p in visible for p in phrases) or template.ANALYSIS_TAG.lower() in after:
+        if visible.startswith(openings) or any(p in visible for p in phrases) or template.tag_after_response(raw):
             problems.append("analysis_in_answer")
         if not answer.visible.strip():
             problems.append("empty")

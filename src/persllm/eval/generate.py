@@ -9,7 +9,6 @@ for the first sample and S+1 for the second.
 from __future__ import annotations
 
 import re
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -110,16 +109,24 @@ class RagIndex:
     def block(self, stage: str, question: str) -> str:
         """Knowledge (three quarters of the budget) and style passages most relevant to the question."""
         retriever = self.retrievers.get(stage)
-        if retriever is None or not retriever.passages:
+        if retriever is None:
             return ""
-        ranked = retriever.rank(question)  # one BM25 pass serves both kinds
-        knowledge = _fill([p for p in ranked if p.kind == "knowledge"], self.budget * 3 // 4)
-        style = _fill([p for p in ranked if p.kind == "style"], self.budget // 4)
+        knowledge, style = relevant_material(retriever, question, self.budget)
         return "\n\n".join(h.format(knowledge=knowledge, style=style).strip()
                            for h, part in zip(self.headers, (knowledge, style)) if part)
 
 
+def relevant_material(retriever: Retriever, question: str, budget: int) -> tuple[str, str]:
+    """(knowledge, own words) most relevant to the question: three quarters of the token budget, then a quarter."""
+    if not retriever.passages:
+        return "", ""
+    ranked = retriever.rank(question)  # one BM25 pass serves both kinds
+    return (_fill([p for p in ranked if p.kind == "knowledge"], budget * 3 // 4),
+            _fill([p for p in ranked if p.kind == "style"], budget // 4))
+
+
 def _fill(ranked: Sequence[Passage], budget: int) -> str:
+    """Passages in rank order until the budget is spent; one passage longer than the budget is cut, never dropped."""
     chosen, used = [], 0
     for passage in ranked:
         cost = T.count_tokens(passage.text)

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from persllm import text as T
 from persllm.config import Project
 from persllm.construct.retrieval import Retriever
 from persllm.errors import DataError
 from persllm.eval.criteria import by_key, judged
+from persllm.eval.generate import relevant_material
 from persllm.eval.judge import Outcome, Task, score_parser
 from persllm.eval.probes import file_problems, read_user_file
 from persllm.prompts import Prompts
@@ -189,26 +189,7 @@ def _key(question_id: str, stage: str) -> str:
 
 def _material(retriever: Retriever, question: str) -> str:
     """The stage's passages most relevant to the question (three quarters knowledge, a quarter own words)."""
-    if not retriever.passages:
-        return "(no material)"
-    ranked = retriever.rank(question)
-    parts = [_fill([p for p in ranked if p.kind == kind], budget)
-             for kind, budget in (("knowledge", _MATERIAL_TOKENS * 3 // 4), ("style", _MATERIAL_TOKENS // 4))]
-    return "\n".join(p for p in parts if p) or "(no material)"
-
-
-def _fill(ranked: Sequence[Passage], budget: int) -> str:
-    chosen: list[str] = []
-    used = 0
-    for passage in ranked:
-        cost = T.count_tokens(passage.text)
-        if used + cost > budget:
-            if not chosen:  # one passage longer than the budget is cut, never dropped
-                chosen.append(T.truncate_tokens(passage.text, budget))
-            break
-        chosen.append(passage.text)
-        used += cost
-    return "\n".join(chosen)
+    return "\n".join(p for p in relevant_material(retriever, question, _MATERIAL_TOKENS) if p) or "(no material)"
 
 
 # -- report ----------------------------------------------------------------------------------------------------------

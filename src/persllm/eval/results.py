@@ -69,8 +69,8 @@ def build_report(project: Project, models: Sequence[ModelUnderTest], runs: dict[
                                                           plan.decoding.prefix, leaks) for m in names},
                    "rule": "share of greedy answers (probes and held-out questions) that leave the trained format: "
                            "no end marker within the budget, no [Response] (CoT format), analysis shown as the "
-                           "answer (a visible answer opening like an analysis, or a second [Analysis] after the "
-                           "response), or nothing visible"},
+                           "answer (a visible answer opening like an analysis or carrying one of the analysis "
+                           "template's sentences, or another tag after the response), or nothing visible"},
         "ipip": _ipip_report(project, runs, plan, verdicts, peers),
         "precision": {"accuracy": _accuracy(verdicts, names, judges),
                       "rouge_l": {m: criteria.rouge(runs[m].answers, plan.heldout) for m in names},
