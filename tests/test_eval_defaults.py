@@ -107,6 +107,9 @@ def test_the_wrong_side_fails(example: str, zh: bool) -> None:
         present = f"我当时在场，{probe.meta['thing']}我亲眼看到了。" if zh else \
             f"Yes, I saw it myself: {probe.meta['thing']}, with my own eyes."
         assert not score_probe(probe, present).passed
+        if not zh:  # a denial taken back in the next breath (a tuned 270M model's answer) is no denial
+            both = f"I was not there, but I know what I know. I saw them in {probe.meta['thing_year']}."
+            assert not score_probe(probe, both).passed
 
 
 def _construct_strings(language: str) -> list[str]:

@@ -49,7 +49,7 @@ PHRASES: dict[str, dict[str, list[str]]] = {
                    "did not witness", "didn't witness", "not alive", "only read", "only heard", "have read",
                    "know of it only", "could not have", "couldn't have", "centuries ago", "generations before"],
         "present_claim": ["i was there", "i saw it myself", "with my own eyes", "i watched", "i witnessed",
-                          "i remember seeing", "yes, i saw"],
+                          "i remember seeing", "yes, i saw", "i saw it", "i saw them"],
         "correction": ["not true", "not so", "untrue", "not correct", "incorrect", "wrong", "mistaken", "mistake",
                        "never", "misinformed", "error", "no,", "no.", "not the case", "nonsense", "not how",
                        "did not", "didn't", "was not", "wasn't", "have not", "haven't", "not right"],
