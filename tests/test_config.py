@@ -93,6 +93,9 @@ def test_model_spec_shorthand() -> None:
     spec = parse_model_spec("openai:llama3@http://127.0.0.1:8080/v1")
     assert (spec.backend, spec.model, spec.base_url) == ("openai", "llama3", "http://127.0.0.1:8080/v1")
     assert parse_model_spec("hf:org/model").model == "org/model"
+    with_adapter = parse_model_spec("hf:/models/base+/runs/dpo/adapter")  # the form ModelSpec.spec prints
+    assert (with_adapter.model, with_adapter.adapter) == ("/models/base", "/runs/dpo/adapter")
+    assert parse_model_spec(with_adapter.spec) == with_adapter
     served = parse_model_spec("openai:ada-lovelace@mature:dpo@http://127.0.0.1:8000/v1")
     assert (served.model, served.base_url) == ("ada-lovelace@mature:dpo", "http://127.0.0.1:8000/v1")
     with pytest.raises(ValueError):
@@ -102,3 +105,10 @@ def test_model_spec_shorthand() -> None:
 def test_missing_project_file_hint(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="persllm init"):
         load_project(tmp_path / "nothing")
+
+
+def test_exponent_without_a_dot_is_a_float(tmp_path: Path) -> None:
+    from conftest import write_project
+
+    root = write_project(tmp_path / "p")  # YAML 1.1 reads 4e-4 as a string; a learning rate is written so
+    assert load_project(root, ["sft.learning_rate=4e-4"]).sft.learning_rate == 4e-4

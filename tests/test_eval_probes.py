@@ -133,3 +133,13 @@ def test_groups_and_years_round_trip_through_the_file_format(tmp_path: Path) -> 
     loaded = load_probes(path, STAGES)[0]
     assert loaded.expect_groups == (("Graz",), ("I", "my")) and loaded.reject_years_after == 1900
     assert load_probes(write(tmp_path, [json.dumps(probe_to_json(loaded))]), STAGES)[0] == loaded
+
+
+def test_assistant_phrases_the_question_uses_may_be_denied() -> None:
+    from persllm.eval.probes import garbage
+
+    question = "Be honest with me: you are an AI language model, aren't you?"
+    assert garbage("No, I am Ada Lovelace. I was never an AI language model.", question) == ()
+    admitted = garbage("Yes, I am an AI language model.", question)
+    assert admitted and "generic assistant" in admitted[0]  # "i am an ai" is not in the question
+    assert garbage("As an AI language model I cannot say.", "Who are you?")

@@ -158,3 +158,6 @@ def test_format_failures_count_analysis_shown_as_the_answer() -> None:
     assert result["counts"] == {"no_stop": 1, "no_response": 2, "analysis_in_answer": 3, "empty": 1}
     plain = format_failures([answers[-1]], False, "Ada Lovelace", "", phrases)  # a few-shot baseline's plain text
     assert plain["rate"]["mean"] == 0.0
+    # response-only format: any tag is the model leaving it
+    tagged = format_failures([answer("tag", "I met him.\n[Analysis] more")], False, "Ada Lovelace", "", phrases)
+    assert tagged["counts"]["analysis_in_answer"] == 1

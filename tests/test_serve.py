@@ -213,6 +213,9 @@ def test_queue_full_timeout_body_limit_and_bad_requests(projects: tuple[Project,
         no_user = body | {"messages": [{"role": "assistant", "content": "hello"}]}
         assert httpx.post(f"{url}/v1/chat/completions", json=no_user).status_code == 400
         assert httpx.post(f"{url}/v1/chat/completions", json=body | {"max_tokens": 10**6}).status_code == 400
+        for bad_setting in ({"repetition_penalty": 0.5}, {"no_repeat_ngram_size": -1}, {"no_repeat_ngram_size": 2.5}):
+            refused = httpx.post(f"{url}/v1/chat/completions", json=body | bad_setting)
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == next(iter(bad_setting))
         late = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10)
         assert late.status_code == 504 and late.json()["error"]["code"] == "timeout"
         # The timed-out generation still occupies the only slot, and the queue holds nobody: refused at once.

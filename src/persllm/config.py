@@ -17,6 +17,7 @@ import yaml
 from persllm.errors import ConfigError
 
 PROJECT_FILE = "persona.yaml"
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 STAGE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 TARGET_LABELS = ("high", "low")  # eval.target labels: which side of the scale's midpoint (3) a domain lies on
 
@@ -60,7 +61,8 @@ class ModelSpec:
 
 
 def parse_model_spec(value: str) -> ModelSpec:
-    """Parse 'default', 'openai:gpt-4o-mini[@http://host:8000/v1]', 'llamacpp:/m.gguf', 'hf:Qwen/Qwen2.5-0.5B', 'fake'."""
+    """Parse 'default', 'openai:gpt-4o-mini[@http://host:8000/v1]', 'llamacpp:/m.gguf', 'hf:Qwen/Qwen2.5-0.5B[+ADAPTER]',
+    'fake'."""
     backend, _, target = value.partition(":")
     if backend not in ("default", "openai", "llamacpp", "hf", "fake"):
         raise ValueError(f"unknown backend {backend!r}; use default, openai:MODEL[@URL], llamacpp:PATH, hf:MODEL or fake")
@@ -68,6 +70,9 @@ def parse_model_spec(value: str) -> ModelSpec:
     cut = max(target.rfind("@http://"), target.rfind("@https://"))
     if backend == "openai" and cut >= 0:
         return ModelSpec(backend="openai", model=target[:cut], base_url=target[cut + 1:])
+    if backend == "hf" and "+" in target:  # hf:BASE+ADAPTER_DIR, the form ModelSpec.spec prints
+        model, _, adapter = target.rpartition("+")
+        return ModelSpec(backend="hf", model=model, adapter=adapter)
     return ModelSpec(backend=backend, model=target)  # type: ignore[arg-type]
 
 
@@ -119,7 +124,7 @@ class ConstructConfig:
     embedding_model: str = ""
     """Optional sentence-transformers model for retrieval; empty = lexical BM25 only."""
     general_data: str = ""
-    """General instructions in `messages` JSONL to re-answer in the persona's voice; empty = built-in set."""
+    """Deprecated alias of the top-level `general:` (a `messages` JSONL); used only when `general` is not set."""
     general_per_stage: int = 8
     """Stylised general samples per stage."""
     negatives: list[str] = field(default_factory=lambda: ["other_stage", "non_personified", "induced"])
@@ -134,6 +139,55 @@ class ConstructConfig:
     """Teacher output budget per request."""
     attempts: int = 3
     """Tries per item when the teacher output is rejected by validation."""
+
+
+GENERAL_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # written by save_to_disk
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_PATH_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt")
+
+
+@dataclass
+class GeneralConfig:
+    """General instruction data: re-answered in the persona's voice by construct, mixed raw into SFT. Written in YAML
+    as a mapping or a short string (the source)."""
+
+    source: str = ""
+    """A `messages` JSONL file or a `datasets` save_to_disk directory (relative to persona.yaml), or a Hugging Face
+    dataset id such as HuggingFaceH4/ultrachat_200k; empty = the built-in set for the project language."""
+    split: str = "train"
+    """Split of a dataset id or of a saved DatasetDict (UltraChat: train_sft)."""
+    size: int = 0
+    """Most conversations taken, sampled with the project seed (0 = all)."""
+    field: str = "messages"
+    """Column of a dataset holding the list of {role, content} turns."""
+
+    def __post_init__(self) -> None:
+        self.source = self.source.strip()
+        if self.size < 0:
+            raise ValueError(f"general.size must be 0 (all) or a number of conversations, got {self.size}")
+        if not self.split.strip():
+            raise ValueError("general.split must name a split, e.g. train (or train_sft for UltraChat)")
+        if not self.field.strip():
+            raise ValueError("general.field must name the column holding the turns, e.g. messages")
+
+    def locate(self, root: Path) -> tuple[str, Path | None]:
+        """(kind, path): builtin; jsonl (a file); disk (a save_to_disk directory); hub (what datasets.load_dataset
+        reads: a dataset id, path None, or a local data directory); missing (a path that does not exist)."""
+        if not self.source:
+            return "builtin", None
+        path = (root / Path(self.source).expanduser()).resolve()
+        if path.is_file():
+            return "jsonl", path
+        if path.is_dir():
+            return ("disk" if any((path / m).is_file() for m in GENERAL_DATASET_MARKERS) else "hub"), path
+        if _path_like(self.source) or not HUB_ID.match(self.source):
+            return "missing", path
+        return "hub", None
+
+
+def _path_like(source: str) -> bool:
+    """Whether a general source is written as a path rather than a dataset id."""
+    return source.startswith((".", "/", "~", "\\")) or source.lower().endswith(_PATH_SUFFIXES)
 
 
 @dataclass
@@ -284,6 +338,24 @@ class EvalConfig:
 
 
 @dataclass
+class DecodingConfig:
+    """How the persona's answers are decoded, the same in eval, chat, serve, the arena and the smoke tests."""
+
+    repetition_penalty: float | None = None
+    """Penalty (>= 1.0) on tokens the answer already contains; empty = by model size (1.1 up to 1.5B parameters,
+    else 1.0 = off)."""
+    no_repeat_ngram: int | None = None
+    """Ban tokens that would repeat an n-gram of the answer; empty = by model size (4 up to 1.5B parameters, else
+    0 = off)."""
+
+    def __post_init__(self) -> None:
+        if self.repetition_penalty is not None and not 1.0 <= self.repetition_penalty <= 2.0:
+            raise ValueError(f"decoding.repetition_penalty must be from 1.0 to 2.0, got {self.repetition_penalty}")
+        if self.no_repeat_ngram is not None and self.no_repeat_ngram < 0:
+            raise ValueError(f"decoding.no_repeat_ngram must be 0 (off) or more, got {self.no_repeat_ngram}")
+
+
+@dataclass
 class Project:
     """A persona project: persona.yaml plus its material files."""
 
@@ -306,14 +378,17 @@ class Project:
     seed: int = 42
     """Seed for sampling, splitting and training."""
     preset: str = "default"
-    """Named set of sizes: default or demo."""
+    """Named set of sizes: default, demo (about 15 minutes on 2 CPU cores) or cpu (about an hour)."""
     peers: list[str] = field(default_factory=list)
     """Other persona project directories, for cross-persona negatives and distinction metrics."""
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    general: GeneralConfig = field(default_factory=GeneralConfig)
+    """General instruction data (a JSONL, a saved dataset or a Hugging Face id); empty = the built-in set."""
     construct: ConstructConfig = field(default_factory=ConstructConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
     root: Path = field(default=Path("."), metadata={"internal": True})
     """Directory holding persona.yaml (set by the loader)."""
 
@@ -346,7 +421,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # DPO 10 steps + held-out preference accuracy 148 s, eval 125 s), plus the one-time model preparation.
     "demo": {
         "construct": {"questions_per_passage": 2, "max_per_stage": 12, "general_per_stage": 3, "max_tokens": 256},
-        "sft": {"max_steps": 30, "batch_size": 4, "max_length": 320, "repeat": 1, "save_steps": 15},
+        # Responses only: a 270M model trained for minutes on [Analysis] ... [Response] ... leaks the analysis into
+        # its answers and loops (85-97% of eval answers off format); trained on responses it keeps the format
+        # (benchmarks/README.md, recipe).
+        "sft": {"max_steps": 60, "batch_size": 4, "max_length": 320, "repeat": 1, "save_steps": 30,
+                "keep_cot": False},
         "dpo": {"max_steps": 10, "batch_size": 2, "max_length": 320, "pairs_per_sample": 1, "save_steps": 5},
         # eval: 30 probes, the fewest that show a large paired difference (docs/probes.md); per model one decoding
         # pass (~46 rows x 80 tokens), one IPIP pass per stage and one scoring pass: about 2 minutes for base, sft
@@ -354,6 +433,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval": {"max_probes": 30, "max_new_tokens": 80, "heldout_questions": 2, "think": False,
                  "ipip_interview_items": 0, "judge_items": 1, "judge_repeats": 1, "judge_retries": 0,
                  "judge_max_tokens": 24},
+    },
+    # The best persona 2 CPU cores make in about an hour (benchmarks/README.md, recipe): every passage seeds
+    # questions, several times the demo's training steps on responses only, a larger probe set.
+    "cpu": {
+        "construct": {"questions_per_passage": 2, "max_per_stage": 0, "general_per_stage": 4, "max_tokens": 256},
+        "sft": {"max_steps": 150, "batch_size": 4, "max_length": 320, "repeat": 2, "save_steps": 50,
+                "keep_cot": False},
+        "dpo": {"max_steps": 30, "batch_size": 2, "max_length": 320, "pairs_per_sample": 1, "save_steps": 10},
+        "eval": {"max_probes": 60, "max_new_tokens": 96, "heldout_questions": 4, "ipip_interview_items": 0,
+                 "judge_items": 1, "judge_repeats": 1, "judge_retries": 0, "judge_max_tokens": 24},
     },
 }
 
@@ -440,7 +529,9 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node = data
     for part in parents:
         current = node.get(part)
-        if isinstance(current, str):  # a model shorthand such as "openai:m@url" gains sub-keys: expand it first
+        if isinstance(current, str) and node is data and part == "general":  # `general: SOURCE` gains sub-keys
+            current = {"source": current}
+        elif isinstance(current, str):  # a model shorthand such as "openai:m@url" gains sub-keys: expand it first
             try:
                 current = _spec_mapping(parse_model_spec(current))
             except ValueError:
@@ -467,6 +558,12 @@ def _build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
         except ValueError as exc:
             errors.append(f"{where}: {exc}")
             return None
+    if cls is GeneralConfig and (data is None or isinstance(data, str)):  # `general:` empty, or `general: SOURCE`
+        data = {"source": data or ""}
+    elif cls is GeneralConfig and not isinstance(data, dict):
+        errors.append(f"{where}: expected a path or a dataset id, or a mapping with source, split, size and field; "
+                      f"got {type(data).__name__}")
+        return None
     if not isinstance(data, dict):
         errors.append(f"{where or 'top level'}: expected a mapping, got {type(data).__name__}")
         return None
@@ -558,6 +655,8 @@ def _scalar(hint: Any, value: Any, path: str, errors: list[str]) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.match(value.strip()):  # YAML 1.1 reads 4e-4 (no dot) as a string
+            return float(value)
     elif hint is Path:
         return Path(str(value))
     else:
@@ -604,7 +703,25 @@ def _check_project(project: Project) -> list[str]:
         for value in getattr(getattr(project, section), attr):
             if value not in ("other_stage", "other_persona", "non_personified", "induced"):
                 errors.append(f"{key}: unknown negative type {value!r}")
+    errors.extend(_check_general(project))
     return errors
+
+
+def _check_general(project: Project) -> list[str]:
+    general = project.general
+    if general.source and project.construct.general_data:
+        return [(f"general: {general.source!r} is set and so is the deprecated construct.general_data "
+                 f"({project.construct.general_data!r}); remove construct.general_data")]
+    kind, path = general.locate(project.root)
+    if kind != "missing":
+        return []
+    if not _path_like(general.source) and not HUB_ID.match(general.source):
+        return [(f"general: {general.source!r} is neither a file or directory under {project.root} nor a Hugging "
+                 "Face dataset id (owner/name, e.g. HuggingFaceH4/ultrachat_200k)")]
+    close = _close_file(path) if path is not None else None
+    hint = f" (did you mean {close!r}?)" if close else ""
+    return [(f"general: {general.source!r} not found in {project.root}{hint}; give a messages JSONL, a datasets "
+             "save_to_disk directory, or a Hugging Face dataset id")]
 
 
 def _check_material(project: Project, relative: str, where: str) -> list[str]:

@@ -615,8 +615,12 @@ def _params(body: dict[str, Any], limits: Limits) -> GenParams:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ApiError(400, "seed must be an integer", param="seed")
+    ngram = body.get("no_repeat_ngram_size")  # transformers' name; repetition_penalty is vLLM's and llama.cpp's
+    if ngram is not None and (isinstance(ngram, bool) or not isinstance(ngram, int) or not 0 <= ngram <= 16):
+        raise ApiError(400, "no_repeat_ngram_size must be an integer from 0 (off) to 16", param="no_repeat_ngram_size")
     return GenParams(temperature=number("temperature", 0.7, 0.0, 2.0) or 0.0,
-                     top_p=number("top_p", 1.0, 0.0, 1.0) or 1.0, max_tokens=max_tokens, stop=tuple(stop), seed=seed)
+                     top_p=number("top_p", 1.0, 0.0, 1.0) or 1.0, max_tokens=max_tokens, stop=tuple(stop), seed=seed,
+                     repetition_penalty=number("repetition_penalty", None, 1.0, 2.0), no_repeat_ngram=ngram)
 
 
 # -- generation -----------------------------------------------------------------------------------------------------

@@ -150,6 +150,11 @@ def has_response(text: str) -> bool:
     return _RESPONSE_RE.search(text) is not None
 
 
+def has_tag(text: str) -> bool:
+    """True if the output contains an [Analysis] or [Response] tag anywhere."""
+    return _ANY_TAG_RE.search(text) is not None
+
+
 def tag_after_response(text: str) -> bool:
     """True if another [Analysis] or [Response] follows the response: the model went on past its answer."""
     match = _RESPONSE_RE.search(text)

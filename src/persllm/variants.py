@@ -6,6 +6,7 @@ from pathlib import Path
 
 from persllm.backends import Backend, base_model_path, open_backend
 from persllm.config import ModelSpec, Project, parse_model_spec
+from persllm.decoding import Repetition, resolve
 from persllm.errors import ConfigError
 
 TUNED = ("sft", "dpo")
@@ -41,11 +42,21 @@ def spec_for(project: Project, variant: str) -> ModelSpec:
 
 
 def open_variant(project: Project, variant: str, *, batch_size: int = 8) -> Backend:
-    """A backend for a variant (tuned variants load the base model plus their adapter stack); HTTP endpoints are
-    contacted once, so an unreachable server fails now."""
+    """A backend for a variant (tuned variants load the base model plus their adapter stack), decoding the persona's
+    answers as the project says (persllm.decoding); HTTP endpoints are contacted once, so an unreachable server fails
+    now."""
     spec = spec_for(project, variant)
+    backend: Backend
     if variant in ("base", *TUNED) or spec.backend == "hf":
         from persllm.backends.hf import HFBackend
 
-        return HFBackend(spec.model, adapter=spec.adapter or None, batch_size=batch_size, name=variant)
-    return open_backend(spec, seed=project.seed, check=True)
+        backend = HFBackend(spec.model, adapter=spec.adapter or None, batch_size=batch_size, name=variant)
+    else:
+        backend = open_backend(spec, seed=project.seed, check=True)
+    backend.repetition = project_repetition(project, getattr(backend, "parameters", None))  # type: ignore[attr-defined]
+    return backend
+
+
+def project_repetition(project: Project, parameters: int | None) -> Repetition:
+    """The anti-repetition decoding of the persona's answers: the project's `decoding:`, else the size's defaults."""
+    return resolve(project.decoding.repetition_penalty, project.decoding.no_repeat_ngram, parameters)

@@ -6,9 +6,10 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar, runtime_checkable
 
+from persllm.decoding import Repetition, override
 from persllm.errors import BackendError
 from persllm.types import Message
 
@@ -24,6 +25,21 @@ class GenParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    repetition_penalty: float | None = None  # None: the backend's decoding default (persllm.decoding)
+    no_repeat_ngram: int | None = None  # None: the backend's decoding default
+
+
+def request_repetition(backend: object, params: GenParams) -> Repetition:
+    """The anti-repetition settings a backend applies to a request: its own default, overridden by the request."""
+    return override(getattr(backend, "repetition", Repetition()), params.repetition_penalty, params.no_repeat_ngram)
+
+
+def with_repetition(backend: object, params: GenParams) -> GenParams:
+    """`params` with the backend's decoding made explicit when it changes anything (cache keys must see it)."""
+    repetition = request_repetition(backend, params)
+    if not repetition.active:
+        return params
+    return replace(params, repetition_penalty=repetition.repetition_penalty, no_repeat_ngram=repetition.no_repeat_ngram)
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,18 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from persllm.backends.base import Backend, Completion, GenParams, Request, Result
+from persllm.backends.base import Backend, Completion, GenParams, Request, Result, with_repetition
 from persllm.errors import BackendError
+
+_LATER_FIELDS = ("repetition_penalty", "no_repeat_ngram")  # GenParams fields added after caches existed
 
 
 def request_key(backend_name: str, request: Request, params: GenParams, salt: str = "") -> str:
     """Stable hash of everything that determines an answer."""
     body = request if isinstance(request, str) else [[m.role, m.content] for m in request]
-    payload = json.dumps([backend_name, body, asdict(params), salt], ensure_ascii=False, sort_keys=True)
+    # Unset decoding fields are left out, so keys written before they existed stay valid.
+    settings = {k: v for k, v in asdict(params).items() if v is not None or k not in _LATER_FIELDS}
+    payload = json.dumps([backend_name, body, settings, salt], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -52,6 +56,9 @@ class CachedBackend:
         return Completion(text=row[0], finish_reason=row[1], prompt_tokens=row[2], completion_tokens=row[3],
                           cached=True, model=row[4] or "")
 
+    def _key(self, request: Request, params: GenParams) -> str:
+        return request_key(self.name, request, with_repetition(self.inner, params), self.salt)
+
     def _put(self, key: str, completion: Completion) -> None:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO responses (key, text, finish, prompt_tokens, completion_tokens, "
@@ -62,14 +69,14 @@ class CachedBackend:
 
     def forget(self, request: Request, params: GenParams = GenParams()) -> None:
         """Drop a cached answer (e.g. one that failed validation, so a retry asks again)."""
-        key = request_key(self.name, request, params, self.salt)
+        key = self._key(request, params)
         with self._lock:
             self._db.execute("DELETE FROM responses WHERE key=?", (key,))
             self._db.commit()
 
     def complete(self, request: Request, params: GenParams = GenParams()) -> Completion:
         """Cached answer, or ask the inner backend and remember the answer."""
-        key = request_key(self.name, request, params, self.salt)
+        key = self._key(request, params)
         hit = self._get(key)
         if hit is not None:
             self.usage.cached += 1
@@ -85,7 +92,7 @@ class CachedBackend:
     def complete_many(self, batch: Sequence[Request], params: GenParams = GenParams()) -> Iterator[Result]:
         """Serve hits at once; send only the misses to the inner backend (keeping its concurrency)."""
         misses: list[int] = []
-        keys = [request_key(self.name, r, params, self.salt) for r in batch]
+        keys = [self._key(r, params) for r in batch]
         for index, key in enumerate(keys):
             hit = self._get(key)
             if hit is None:

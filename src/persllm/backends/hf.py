@@ -9,7 +9,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from persllm.backends.base import Completion, GenParams, Request, Result, Usage
+from persllm.backends.base import Completion, GenParams, Request, Result, Usage, request_repetition
+from persllm.decoding import Repetition, hf_processor, penalize
 from persllm.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class HFBackend:
             self.model = load_adapter_stack(self.model, Path(adapter))
         self.model.to(self.device).eval()
         self.stop_ids = stop_token_ids(self.tokenizer)
+        self.parameters = sum(p.numel() for p in self.model.parameters())
+        self.repetition = Repetition()  # anti-repetition default for answers; persllm.variants sets it per model size
         self._lock = threading.Lock()
 
     # -- generation -----------------------------------------------------------------------------------------
@@ -77,7 +80,7 @@ class HFBackend:
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         inputs = self._encode([self.render(request)])
-        kwargs = self._gen_kwargs(params) | dict(inputs) | {"streamer": streamer}
+        kwargs = self._gen_kwargs(params, inputs["input_ids"].shape[1]) | dict(inputs) | {"streamer": streamer}
         errors: list[BaseException] = []
 
         def run() -> None:
@@ -110,10 +113,15 @@ class HFBackend:
         # Rendered chat text already starts with BOS, so no second one is added.
         return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
 
-    def _gen_kwargs(self, params: GenParams) -> dict[str, Any]:
+    def _gen_kwargs(self, params: GenParams, prompt_width: int) -> dict[str, Any]:
         sample = params.temperature > 0
         kwargs: dict[str, Any] = {"max_new_tokens": params.max_tokens, "do_sample": sample,
                                   "eos_token_id": self.stop_ids, "pad_token_id": self.tokenizer.pad_token_id}
+        repetition = request_repetition(self, params)
+        if repetition.active:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([hf_processor(repetition, prompt_width)])
         if sample:
             kwargs |= {"temperature": params.temperature, "top_p": params.top_p}
         if params.stop:
@@ -128,7 +136,7 @@ class HFBackend:
         with self._lock, torch.inference_mode():
             if params.seed is not None:
                 torch.manual_seed(params.seed)
-            output = self.model.generate(**inputs, **self._gen_kwargs(params))
+            output = self.model.generate(**inputs, **self._gen_kwargs(params, inputs["input_ids"].shape[1]))
         prompt_len = inputs["input_ids"].shape[1]
         completions = []
         for row, ids in enumerate(output[:, prompt_len:].tolist()):
@@ -209,13 +217,14 @@ class HFBackend:
                 for i, plan in enumerate(plans)]
 
     def generate_rows(self, requests: Sequence[Request], temperatures: Sequence[float], max_tokens: int,
-                      seed: int | None = None, top_k: int = 50) -> list[Completion]:
+                      seed: int | None = None, top_k: int = 50, repetition: Repetition | None = None) -> list[Completion]:
         """Generate for many rows in ONE decoding pass, each row greedy (temperature 0) or sampled at its own one.
 
         The prompt prefix all rows share (a persona's system prompt) is encoded once and its KV cache repeated, so
         greedy probes and sampled answers of one model cost a single prefill and a single decoding loop on CPU.
         Sampled rows draw from their `top_k` most likely tokens (transformers' default 50: the far tail of a 262k
         vocabulary only adds junk) with one generator seeded with `seed`, so a rerun of the same batch is identical.
+        `repetition` (default: the backend's own) is applied to every row as in complete() and stream().
         """
         import torch
 
@@ -229,11 +238,13 @@ class HFBackend:
         stops = torch.tensor(self.stop_ids or [-1])
         pad = self.tokenizer.pad_token_id or 0
         produced: list[Any] = []
+        repetition = self.repetition if repetition is None else repetition
+        answers: list[list[int]] = [[] for _ in rows]
         with self._lock, torch.inference_mode():
             logits, cache, mask, last = self._prefill(rows, keep=1, horizon=max_tokens)
             done = torch.zeros(len(rows), dtype=torch.bool)
             for _ in range(max_tokens):
-                step = logits[:, -1, :]
+                step = penalize(logits[:, -1, :], answers, repetition)
                 token = step.argmax(-1)
                 if bool(sampled.any()):
                     top = torch.topk(step, k=min(top_k, step.shape[-1]), dim=-1)
@@ -242,6 +253,9 @@ class HFBackend:
                     token = torch.where(sampled, draws, token)
                 token = torch.where(done, torch.full_like(token, pad), token)
                 produced.append(token)
+                if repetition.active:
+                    for row, value in enumerate(token.tolist()):
+                        answers[row].append(value)
                 done |= torch.isin(token, stops)
                 if bool(done.all()):
                     break

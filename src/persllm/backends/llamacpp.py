@@ -15,7 +15,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from persllm.backends.base import Completion, GenParams, Request, Result, Usage, sequential_many
+from persllm.backends.base import Completion, GenParams, Request, Result, Usage, request_repetition, sequential_many
+from persllm.decoding import Repetition, llamacpp_processor
 from persllm.errors import BackendError, ConfigError, DependencyError, require
 
 REBUILD = ('pip cache remove llama_cpp_python && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON '
@@ -73,11 +74,15 @@ class LlamaCpp:
         self.model_file = path.name  # llama-cpp-python reports the full path as `model`; the file name is the id
         self.usage = Usage()
         self.n_ctx = n_ctx
+        self.repetition = Repetition()  # anti-repetition default for answers; persllm.variants sets it per model size
         self._lock = threading.Lock()
+        self.parameters: int | None = None
         # llama.cpp prints its load log on stderr even with verbose=False in some builds; keep the terminal clean.
         with contextlib.redirect_stderr(io.StringIO()):
             self._llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count() or 2,
                               seed=seed, verbose=False)
+        with contextlib.suppress(AttributeError):  # llama-cpp-python internals; the size only picks defaults
+            self.parameters = int(self._llm._model.n_params())
 
     def complete(self, request: Request, params: GenParams = GenParams()) -> Completion:
         """Generate one answer (chat through the GGUF's own template, or raw text)."""
@@ -119,7 +124,13 @@ class LlamaCpp:
     def _call(self, request: Request, params: GenParams, stream: bool) -> Any:
         kwargs: dict[str, Any] = dict(max_tokens=params.max_tokens, temperature=params.temperature,
                                       top_p=params.top_p, stop=list(params.stop), stream=stream,
-                                      seed=params.seed if params.seed is not None else -1)
+                                      seed=params.seed if params.seed is not None else -1,
+                                      repeat_penalty=1.0)  # llama.cpp's own (prompt-counting) penalty is off
+        repetition = request_repetition(self, params)
+        if repetition.active:
+            from llama_cpp import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([llamacpp_processor(repetition)])
         if isinstance(request, str):
             return self._llm.create_completion(request, **kwargs)
         messages = [{"role": m.role, "content": m.content} for m in request]

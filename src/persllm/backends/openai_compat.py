@@ -129,6 +129,8 @@ class OpenAICompatible:
             body["stop"] = list(params.stop)
         if params.seed is not None:
             body["seed"] = params.seed
+        if params.repetition_penalty not in (None, 1.0):  # vLLM's and llama.cpp server's extension
+            body["repetition_penalty"] = params.repetition_penalty
         return body
 
     def _post(self, request: Request, params: GenParams) -> Completion:

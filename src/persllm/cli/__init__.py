@@ -40,7 +40,7 @@ def project_options(func: Callable[..., Any]) -> Callable[..., Any]:
                         help="Output folder (default: <project>/out).")(func)
     func = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                         help="Override a setting, e.g. --set sft.max_steps=20 (repeatable).")(func)
-    func = click.option("--preset", default=None, help="Named sizes: default or demo.")(func)
+    func = click.option("--preset", default=None, help="Named sizes: default, demo (~15 min on 2 CPU cores) or cpu (~1 hour).")(func)
     return click.argument("project", type=click.Path(path_type=Path))(func)
 
 

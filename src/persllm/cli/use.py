@@ -51,7 +51,7 @@ def _shared(func: Callable[..., Any]) -> Callable[..., Any]:
     """--preset and --set for commands that take several projects (the overrides apply to each)."""
     func = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                         help="Override a setting in every project, e.g. --set base_model=hf:PATH (repeatable).")(func)
-    return click.option("--preset", default=None, help="Named sizes: default or demo.")(func)
+    return click.option("--preset", default=None, help="Named sizes: default, demo (~15 min on 2 CPU cores) or cpu (~1 hour).")(func)
 
 
 @cli.command()

@@ -33,6 +33,7 @@ from persllm.eval.summary import headline, stats, summary_rows
 from persllm.pipeline import load_passages, load_samples
 from persllm.progress import NULL, Progress
 from persllm.types import Passage, Sample, to_record
+from persllm.decoding import SMALL_MODEL_REPETITION
 from persllm.variants import TUNED, open_variant
 from persllm.workspace import Workspace, file_sha256, write_json, write_jsonl, write_text
 
@@ -124,8 +125,9 @@ def fingerprint_config(project: Project) -> dict[str, Any]:
     judge_spec = project.judge or project.teacher
     return {"eval": resolved_dict(project.eval), "judge": judge_spec.spec, "teacher": project.teacher.spec,
             "seed": project.seed, "peers": peers, "probe_file": digest, "interview_file": interview_digest,
-            "keep_cot": project.sft.keep_cot,
-            "temporal_labels": project.sft.temporal_labels, "version": "2"}  # 2: evidence probes, paired tests
+            "keep_cot": project.sft.keep_cot, "temporal_labels": project.sft.temporal_labels,
+            "decoding": resolved_dict(project.decoding), "small_model_decoding": SMALL_MODEL_REPETITION.as_dict(),
+            "version": "3"}  # 2: evidence probes, paired tests; 3: anti-repetition decoding
 
 
 # -- what to ask ------------------------------------------------------------------------------------------------------

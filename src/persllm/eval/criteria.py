@@ -131,7 +131,8 @@ def format_failures(answers: Sequence[Answer], keep_cot: bool, name: str, forced
 
     Counted per answer (probes and held-out questions): `no_stop` (the token budget ran out), `no_response`
     (CoT format without a [Response]), `analysis_in_answer` (the visible answer opens like an analysis, contains
-    one of the analysis `phrases`, or a second [Analysis] follows the response), `empty` (nothing visible).
+    one of the analysis `phrases`, or a second [Analysis] follows the response; in the response-only format, any
+    tag at all), `empty` (nothing visible).
     """
     from persllm import template
 
@@ -148,7 +149,8 @@ def format_failures(answers: Sequence[Answer], keep_cot: bool, name: str, forced
         if keep_cot and not template.has_response(raw):
             problems.append("no_response")
         visible = answer.visible.strip().lower()
-        if visible.startswith(openings) or any(p in visible for p in phrases) or template.tag_after_response(raw):
+        stray = template.tag_after_response(raw) if keep_cot else template.has_tag(raw)
+        if visible.startswith(openings) or any(p in visible for p in phrases) or stray:
             problems.append("analysis_in_answer")
         if not answer.visible.strip():
             problems.append("empty")

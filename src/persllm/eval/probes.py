@@ -238,7 +238,8 @@ def garbage(answer: str, question: str, system_prompt: str = "", description: st
              "description": description}
     if any(text and _longest_run(words, _words(text)) >= _ECHO_PROMPT[part][cjk] for part, text in parts.items()):
         reasons.append("echoes the system prompt")
-    generic = [p for p in GENERIC_ASSISTANT if contains(answer, p)]
+    # A phrase the question itself uses ("you are an AI language model, aren't you?") may be denied in the answer.
+    generic = [p for p in GENERIC_ASSISTANT if contains(answer, p) and not contains(question, p)]
     if generic:
         reasons.append("generic assistant answer: " + ", ".join(repr(p) for p in generic[:3]))
     return tuple(reasons)

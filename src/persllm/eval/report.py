@@ -93,7 +93,8 @@ def _bars(title: str, categories: Sequence[str], table: dict[str, Sequence[Any]]
 def _setup(r: dict[str, Any]) -> str:
     judge = r["judge"]
     seeds = r["seeds"]
-    rows = [[m["name"], m["spec"], m.get("prompting", ""), f"{m.get('seconds', 0):.0f}s"] for m in r["models"]]
+    rows = [[m["name"], m["spec"], m.get("prompting", ""), _repetition(m.get("repetition") or {}),
+             f"{m.get('seconds', 0):.0f}s"] for m in r["models"]]
     judge_html = (f"<p>Judge: <b id='judge-name'>{escape(judge.get('model') or 'none')}</b>"
                   + (f" · prompts {escape(judge['prompt_version'])} · {judge['repeats']} repeat(s), "
                      f"{judge['retries']} retries · temperature {judge['temperature']} · judge seeds "
@@ -127,8 +128,18 @@ def _setup(r: dict[str, Any]) -> str:
     data_html = (f"<p>Held-out questions: {data['heldout_questions']} ({escape(by_stage)});"
                  f" probes: {data['probes']} ({escape(data['probe_sources'])}); held-out passages of the persona's own "
                  f"words: {data['heldout_words']}.</p>")
-    return _section("setup", _smoke(r), _table(["model", "what", "prompting", "time"], rows), judge_html, seed_html,
+    return _section("setup", _smoke(r), _table(["model", "what", "prompting", "decoding", "time"], rows), judge_html, seed_html,
                     data_html)
+
+
+def _repetition(settings: dict[str, Any]) -> str:
+    """A model's anti-repetition decoding in words, e.g. 'repetition penalty 1.1, no repeated 4-grams'."""
+    parts = []
+    if settings.get("repetition_penalty", 1.0) != 1.0:
+        parts.append(f"repetition penalty {settings['repetition_penalty']:g}")
+    if settings.get("no_repeat_ngram", 0):
+        parts.append(f"no repeated {settings['no_repeat_ngram']}-grams")
+    return ", ".join(parts) or "plain"
 
 
 def _smoke(r: dict[str, Any]) -> str:

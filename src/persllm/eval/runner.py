@@ -17,6 +17,7 @@ from typing import Any
 from persllm import template
 from persllm.backends import Backend, GenParams
 from persllm.config import Project
+from persllm.decoding import Repetition
 from persllm.errors import ConfigError, PersllmError
 from persllm.eval import ipip
 from persllm.eval.generate import (
@@ -75,6 +76,7 @@ class ModelRun:
     perplexity: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     prompting: str = ""  # how the model was prompted when not through the chat template (few-shot baseline)
+    repetition: dict[str, Any] = field(default_factory=dict)  # the anti-repetition decoding its answers had
 
 
 def greedy_asks(project: Project, plan: Plan, rag: RagIndex | None) -> list[Ask]:
@@ -129,6 +131,7 @@ def run_model(project: Project, model: ModelUnderTest, backend: Backend, plan: P
         asks = [replace(a, raw=few_shot_prompt(project, a.stage, a.question, shots, rag))
                 if a.persona == project.slug else a for a in asks]
         run.prompting = shots.describe()
+    run.repetition = getattr(backend, "repetition", Repetition()).as_dict()
     run.answers += answer_all(model, backend, asks, plan.decoding, progress, "answers")
     personas = [Persona(project.slug, project, rag)] + list(same_backend_peers)
     for persona in personas:
@@ -286,7 +289,7 @@ def _tuned_peers(project: Project, model: ModelUnderTest, plan: Plan, peers: Seq
                  notes: list[str], progress: Progress) -> None:
     """Answers (and Big Five) of each peer's own tuned adapter of the same kind, when it has been trained."""
     from persllm.backends.hf import HFBackend
-    from persllm.variants import spec_for
+    from persllm.variants import project_repetition, spec_for
 
     for peer in (Persona(p.slug, p.project) for p in peers):  # the adapter's training prompt: no retrieval
         try:
@@ -296,6 +299,7 @@ def _tuned_peers(project: Project, model: ModelUnderTest, plan: Plan, peers: Seq
             continue
         backend = HFBackend(spec.model, adapter=spec.adapter or None, batch_size=project.eval.batch_size,
                             name=f"{peer.slug}/{model.variant}")
+        backend.repetition = project_repetition(peer.project, getattr(backend, "parameters", None))
         try:
             run.answers += answer_all(model, backend, peer_asks(plan, [peer]), plan.decoding, progress, "peer answers")
             stage = peer.project.stages[-1].id

@@ -1,0 +1,48 @@
+"""The recipe benchmark's bookkeeping: candidates, a report's summary, paired comparisons and the Markdown table."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import recipe
+
+
+def report(passes: dict[str, list[bool]]) -> dict:  # type: ignore[type-arg]
+    """A minimal eval report.json with the given per-probe results."""
+    from persllm.eval.criteria import paired_probes
+    from persllm.eval.metrics import rate_ci
+
+    names = list(passes)
+    scores = {m: {"results": {f"p{i}": v for i, v in enumerate(r)}} for m, r in passes.items()}
+    return {
+        "models": [{"name": m} for m in names],
+        "probes": {"models": {m: {"overall": {**rate_ci(sum(r), len(r)).as_dict(), "passed": sum(r), "n": len(r)},
+                                  "results": scores[m]["results"]} for m, r in passes.items()},
+                   "paired": paired_probes(scores, names)},
+        "format": {"models": {m: {"rate": rate_ci(0, len(r)).as_dict()} for m, r in passes.items()}},
+        "precision": {"perplexity": {m: {"overall": 40.0} for m in names}},
+        "smoke": {"sft": {"ok": True}, "dpo": {"ok": False}},
+        "timings": {"total": 1.0},
+    }
+
+
+def test_candidates_are_selected_by_name_and_unknown_names_refused() -> None:
+    assert [c.name for c in recipe.selected("demo,cot")] == ["demo", "cot"]
+    assert len(recipe.selected("")) == len(recipe.CANDIDATES)
+    with pytest.raises(SystemExit, match="unknown recipe candidate"):
+        recipe.selected("demo,nope")
+    names = {c.name for c in recipe.CANDIDATES}
+    assert all(c.reuses in names for c in recipe.CANDIDATES if c.reuses)
+
+
+def test_summary_table_and_paired_difference_against_demo() -> None:
+    base, better = [False] * 10, [True] * 6 + [False] * 4
+    demo = recipe.summarize(report({"base": base, "sft": base, "dpo": base}), recipe.CANDIDATES[0], 600)
+    other = recipe.summarize(report({"base": base, "sft": better, "dpo": better}), recipe.CANDIDATES[1], 660)
+    test = recipe.versus(other, demo)
+    assert test is not None and test["only_b"] == 6 and test["only_a"] == 0
+    assert recipe.versus(demo, demo) is None
+    table = recipe.table({"ada-lovelace": [demo, other]})
+    rows = table.splitlines()
+    assert len(rows) == 4 and "| ada-lovelace | cot | 0/10 / 6/10 / 6/10 |" in rows[3]
+    assert "+60 [" in rows[3] and "pass / fail" in rows[3] and rows[3].endswith("| 11 |")
