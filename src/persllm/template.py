@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 # Turn markers in order of preference; the first pair the tokenizer already knows is used, else the first is added.
 TURN_MARKERS: tuple[tuple[str, str], ...] = (("<start_of_turn>", "<end_of_turn>"), ("<|im_start|>", "<|im_end|>"))
-VERSION = "2"  # bump when the rendered prompt or answer format changes: training stages depend on it
+VERSION = "3"  # bump when the rendered prompt or answer format changes: training stages depend on it
 ANALYSIS_TAG = "[Analysis]"
 RESPONSE_TAG = "[Response]"
 _ROMAN = ("I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "XII")
@@ -67,6 +67,7 @@ class PersonaContext:
     description: str = ""
     language: str = "en"
     temporal_labels: str = "text"  # "text" or "tokens"
+    keep_cot: bool = True  # answers in the [Analysis] ... [Response] format (else the response alone)
 
 
 def context_for(project: Project, stage_id: str) -> PersonaContext:
@@ -75,17 +76,18 @@ def context_for(project: Project, stage_id: str) -> PersonaContext:
     index = [s.id for s in project.stages].index(stage_id)
     return PersonaContext(name=project.name, stage_id=stage.id, stage_index=index, label=stage.label,
                           description=stage.description, language=project.language,
-                          temporal_labels=project.sft.temporal_labels)
+                          temporal_labels=project.sft.temporal_labels, keep_cot=project.sft.keep_cot)
 
 
 # Short on purpose: it precedes every training sample, and a small CPU-trained model pays for each token.
 _SYSTEM = {
     "en": ("You are {name}. {time}{description}\n"
-           "Stay in character, in your own voice, knowing only what you know by then; correct false premises. "
-           "Think in [Analysis], then answer in [Response]."),
+           "Stay in character, in your own voice, knowing only what you know by then; correct false premises."),
     "zh": ("你是{name}。{time}{description}\n"
-           "保持角色，用自己的口吻，只知道此时知道的事；指出错误前提。先在[Analysis]中思考，再在[Response]中回答。"),
+           "保持角色，用自己的口吻，只知道此时知道的事；指出错误前提。"),
 }
+# Only for the CoT format: a model trained on responses alone would otherwise be told of tags it never writes.
+_COT = {"en": " Think in [Analysis], then answer in [Response].", "zh": "先在[Analysis]中思考，再在[Response]中回答。"}
 _TIME = {"en": "It is {label}. ", "zh": "现在是{label}。"}
 
 
@@ -96,7 +98,7 @@ def system_prompt(ctx: PersonaContext) -> str:
     description = ctx.description.strip()
     if description and lang == "en" and not description.endswith((".", "!", "?")):
         description += "."
-    return _SYSTEM[lang].format(name=ctx.name, time=time, description=description)
+    return _SYSTEM[lang].format(name=ctx.name, time=time, description=description) + (_COT[lang] if ctx.keep_cot else "")
 
 
 def user_turn(ctx: PersonaContext, text: str) -> str:

@@ -143,7 +143,7 @@ def _general_items(project: Project, retrievers: dict[str, Retriever],
     n = project.construct.general_per_stage
     if n <= 0:
         return []
-    records = load_general(project)
+    records, _ = load_general(project)
     items = []
     for stage in project.stages:
         rng = random.Random(stable_id(project.seed, stage.id, "general"))

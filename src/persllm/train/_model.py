@@ -16,12 +16,15 @@ from typing import Any
 
 from persllm import template
 from persllm.config import Project, SFTConfig
+from persllm.decoding import Repetition
 from persllm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 _PATCH_MARK = "_persllm_compact_loss"
 _ROWS_MARK = "_persllm_cheap_rows"
+_HEAD_MARK = "_persllm_cpu_head"
+_ROWS_ATTR = "_persllm_rows"  # on the tied head weight built by _RowsInto: (trained rows' delta, their indices)
 
 
 # -- the TRL CPU speed patch ------------------------------------------------------------------------------------
@@ -51,6 +54,7 @@ def enable_fast_cpu_loss() -> bool:
 
     setattr(_use_triton, _PATCH_MARK, True)
     trl_utils._use_triton = _use_triton
+    enable_fast_cpu_head()
     return True
 
 
@@ -61,14 +65,57 @@ def fast_cpu_loss_active() -> bool:
     return bool(getattr(getattr(trl_utils, "_use_triton", None), _PATCH_MARK, False))
 
 
+def enable_fast_cpu_head() -> bool:
+    """Off Triton devices, run TRL's fused LM head through persllm's one-pass CPU kernel (about 3-4x faster).
+
+    TRL's torch fallback of its chunked log-prob kernel projects every vocabulary tile of the 262k head three or four
+    times per step (forward, recompute, hidden gradient and, when trained token rows make the tied head's weight
+    require grad, a dense 262k x 640 weight gradient of which two rows are kept), with a dozen elementwise passes
+    over each tile. persllm's kernel (cpu_head) projects each tile once and folds the softmax-weighted head rows into
+    the hidden-state gradient in the same pass, so the backward is one multiply; trained token rows get their own
+    few-row gradient. Calls it does not cover (Triton devices, soft-capped logits, autocast, other dtypes, a weight
+    or bias that needs a dense gradient, extra outputs) go to TRL's kernel unchanged.
+    """
+    try:
+        import trl.trainer.utils as trl_utils
+    except ImportError:  # pragma: no cover - trl is a hard dependency
+        return False
+    current = getattr(trl_utils, "_ChunkedLogProbFunction", None)
+    if getattr(current, _HEAD_MARK, False):
+        return True
+    try:  # the unpatched device check: Triton devices keep TRL's own kernel
+        from trl.kernels.chunked_logprob import _use_triton as kernel_uses_triton
+    except ImportError:
+        kernel_uses_triton = None
+    if (not callable(getattr(current, "apply", None)) or not callable(kernel_uses_triton)
+            or not _fused_head_uses(trl_utils, "_ChunkedLogProbFunction")):
+        log.warning("TRL %s no longer routes its fused LM head through trl.trainer.utils._ChunkedLogProbFunction; "
+                    "training runs without persllm's CPU LM-head kernel (slower on CPU)", _trl_version())
+        return False
+    setattr(trl_utils, "_ChunkedLogProbFunction", _head_dispatcher(current, kernel_uses_triton))  # noqa: B010
+    return True
+
+
+def fast_cpu_head_active() -> bool:
+    """True when TRL's fused LM head currently goes through persllm's CPU kernel where it applies."""
+    import trl.trainer.utils as trl_utils
+
+    return bool(getattr(getattr(trl_utils, "_ChunkedLogProbFunction", None), _HEAD_MARK, False))
+
+
 def _fused_head_uses_use_triton(module: Any) -> bool:
     """Whether `add_fused_lm_head` (or a function nested in it) looks up the global `_use_triton`."""
+    return _fused_head_uses(module, "_use_triton")
+
+
+def _fused_head_uses(module: Any, name: str) -> bool:
+    """Whether `add_fused_lm_head` (or a function nested in it) looks up the global `name`."""
     head = getattr(module, "add_fused_lm_head", None)
     code = getattr(head, "__code__", None)
     stack = [code] if code is not None else []
     while stack:
         current = stack.pop()
-        if "_use_triton" in current.co_names:
+        if name in current.co_names:
             return True
         stack.extend(c for c in current.co_consts if hasattr(c, "co_names"))
     return False
@@ -78,6 +125,224 @@ def _trl_version() -> str:
     import trl
 
     return getattr(trl, "__version__", "?")
+
+
+# -- persllm's CPU LM-head kernel ------------------------------------------------------------------------------
+_HEAD_OUTPUTS = frozenset({"log_probs", "entropy", "mean_logits", "is_top1"})
+_HEAD_TOKENS = 4096  # tokens per tile, as TRL's kernel
+
+
+def _head_dispatcher(original: Any, kernel_uses_triton: Any) -> Any:
+    """A stand-in for TRL's `_ChunkedLogProbFunction` (same `apply` signature) that runs cpu_head where it can."""
+
+    class CpuLogProbHead:
+        wrapped = original
+
+        @staticmethod
+        def apply(hidden: Any, weight: Any, bias: Any, targets: Any, temperature: float, chunk_size: int,
+                  final_logit_softcapping: float | None = None, logit_scale: float = 1.0,
+                  outputs: Sequence[str] = tuple(_HEAD_OUTPUTS)) -> Any:
+            rows = _head_rows(hidden, weight, bias, temperature, final_logit_softcapping, logit_scale, outputs,
+                              kernel_uses_triton)
+            if rows is False:
+                return original.apply(hidden, weight, bias, targets, temperature, chunk_size,
+                                      final_logit_softcapping, logit_scale, outputs)
+            delta, index = rows if rows is not None else (None, None)
+            return cpu_head(hidden, weight.detach(), delta, index, bias, targets, logit_scale / temperature,
+                            chunk_size, tuple(outputs))
+
+    setattr(CpuLogProbHead, _HEAD_MARK, True)
+    return CpuLogProbHead
+
+
+def _head_rows(hidden: Any, weight: Any, bias: Any, temperature: float, softcap: float | None, logit_scale: float,
+               outputs: Sequence[str], uses_triton: Any) -> Any:
+    """False when cpu_head does not cover the call; else None or the (delta, index) of trained tied-head rows."""
+    import torch
+
+    if (uses_triton(hidden.device) or softcap is not None or not set(outputs) <= _HEAD_OUTPUTS
+            or hidden.dim() != 2 or hidden.dtype != torch.float32 or weight.dtype != torch.float32
+            or not _plain(weight) or torch.is_autocast_enabled(hidden.device.type)
+            or not logit_scale / temperature > 0 or (bias is not None and bias.requires_grad)):
+        return False
+    if not (weight.requires_grad and torch.is_grad_enabled()):
+        return None
+    rows = getattr(weight, _ROWS_ATTR, None)  # a weight whose only trained rows are _RowsInto's
+    return rows if rows is not None else False
+
+
+def cpu_head(hidden: Any, weight: Any, delta: Any, index: Any, bias: Any, targets: Any, scale: float,
+             chunk_size: int, outputs: tuple[str, ...]) -> Any:
+    """Per-token log-probabilities of `targets` under softmax(scale * (hidden @ weight.T + bias)), in one pass.
+
+    Returns TRL's five per-token outputs (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1; None where not
+    requested; log_sum_sq_probs is never computed). `delta`/`index`: rows of `weight` that are trained (the
+    values are already in `weight`); their gradient goes to `delta`. Every other row of `weight` and `bias` is
+    treated as frozen.
+    """
+    return _CpuHead.apply(hidden, weight, delta, index, bias, targets, scale, chunk_size, outputs)
+
+
+def _cpu_head_class() -> Any:
+    import torch
+
+    class CpuHead(torch.autograd.Function):
+        """One pass over the vocabulary tiles: an online log-sum-exp, and for the backward the softmax-weighted sum
+        of head rows, so that d log p(t|h) / dh = scale * (W[t] - E_p[W]) is ready when the forward ends.
+
+        Each tile is projected once and the backward multiplies a saved [tokens, hidden] matrix by the incoming
+        gradient; TRL's torch fallback re-projects every tile in the backward and (with a trained tied head) builds
+        a dense vocabulary-sized weight gradient. Entropy comes from the same sum (sum_j p_j z_j = scale * h . E_p[W]),
+        and trained rows keep their logits so their gradient, scale * sum_i g_i (1[t_i=r] - p_ir) h_i, is a few rows.
+        """
+
+        @staticmethod
+        def forward(ctx: Any, hidden: Any, weight: Any, delta: Any, index: Any, bias: Any, targets: Any,
+                    scale: float, chunk_size: int, outputs: tuple[str, ...]) -> Any:
+            ctx.set_materialize_grads(False)
+            need_hidden = ctx.needs_input_grad[0]
+            need_rows = delta is not None and ctx.needs_input_grad[2]
+            want = {name: name in outputs for name in ("entropy", "mean_logits", "is_top1")}
+            n, width = hidden.shape
+            vocab = weight.shape[0]
+            chunk_size = max(1, min(chunk_size, vocab))
+            f32 = {"device": hidden.device, "dtype": torch.float32}
+            log_z, target_y = torch.empty(n, **f32), torch.empty(n, **f32)
+            y_e: Any = torch.empty(n, **f32) if want["entropy"] else None  # E_p[raw logit]
+            y_sum: Any = torch.zeros(n, **f32) if want["mean_logits"] else None
+            top: Any = torch.empty(n, dtype=torch.long, device=hidden.device) if want["is_top1"] else None
+            jacobian: Any = torch.empty(n, width, **f32) if need_hidden else None
+            rows_y: Any = torch.empty(n, len(index), **f32) if need_rows else None
+            if need_rows:
+                order = torch.argsort(index)
+                sorted_rows = index[order]
+            tile_buf = torch.empty(min(n, _HEAD_TOKENS), chunk_size, **f32)
+            # without the hidden gradient there is no E_p[W]; the entropy then takes one more pass per tile
+            exp_buf = torch.empty_like(tile_buf) if want["entropy"] and not need_hidden else None
+            for t0 in range(0, n, _HEAD_TOKENS):
+                t1 = min(t0 + _HEAD_TOKENS, n)
+                k, h, tgt = t1 - t0, hidden[t0:t1], targets[t0:t1]
+                run_max = torch.full((k,), -math.inf, **f32)
+                sum_exp, tgt_y = torch.zeros(k, **f32), torch.zeros(k, **f32)
+                e_y: Any = torch.zeros(k, **f32) if exp_buf is not None else None
+                e_w: Any = torch.zeros(k, width, **f32) if need_hidden else None
+                e_b: Any = torch.zeros(k, **f32) if need_hidden and want["entropy"] and bias is not None else None
+                arg: Any = torch.zeros(k, dtype=torch.long, device=hidden.device) if want["is_top1"] else None
+                for v0 in range(0, vocab, chunk_size):
+                    v1 = min(v0 + chunk_size, vocab)
+                    c, w = v1 - v0, weight[v0:v1]
+                    tile = tile_buf[:k, :c]
+                    torch.mm(h, w.t(), out=tile)
+                    if bias is not None:
+                        tile.add_(bias[v0:v1])
+                    local = tgt - v0
+                    inside = (local >= 0) & (local < c)
+                    tgt_y = torch.where(inside, tile.gather(1, local.clamp(0, c - 1).unsqueeze(1)).squeeze(1), tgt_y)
+                    if need_rows:
+                        lo, hi = int(torch.searchsorted(sorted_rows, v0)), int(torch.searchsorted(sorted_rows, v1))
+                        if hi > lo:
+                            rows_y[t0:t1, order[lo:hi]] = tile[:, sorted_rows[lo:hi] - v0]
+                    if y_sum is not None:
+                        y_sum[t0:t1] += tile.sum(1)
+                    tile_max, tile_arg = tile.max(1)
+                    if arg is not None:  # the first maximum, as TRL's is_top1
+                        arg = torch.where(tile_max > run_max, tile_arg + v0, arg)
+                    new_max = torch.maximum(run_max, tile_max)
+                    rescale = torch.exp((run_max - new_max) * scale)
+                    if exp_buf is not None:
+                        e = exp_buf[:k, :c]
+                        torch.sub(tile, new_max.unsqueeze(1), out=e)
+                        if scale != 1.0:
+                            e.mul_(scale)
+                        e.exp_()
+                        e_y.mul_(rescale).add_(torch.linalg.vecdot(e, tile))
+                    else:
+                        tile.sub_(new_max.unsqueeze(1))
+                        if scale != 1.0:
+                            tile.mul_(scale)
+                        e = tile.exp_()
+                    sum_exp.mul_(rescale).add_(e.sum(1))
+                    if e_w is not None:
+                        e_w.mul_(rescale.unsqueeze(1)).addmm_(e, w)
+                        if e_b is not None:
+                            e_b.mul_(rescale).add_(e @ bias[v0:v1])
+                    run_max = new_max
+                log_z[t0:t1] = run_max * scale + torch.log(sum_exp)
+                target_y[t0:t1] = tgt_y
+                if y_e is not None:
+                    if e_y is None:
+                        e_y = torch.linalg.vecdot(h, e_w) + (e_b if e_b is not None else 0.0)
+                    y_e[t0:t1] = e_y / sum_exp
+                if top is not None:
+                    top[t0:t1] = arg
+                if jacobian is not None:
+                    jacobian[t0:t1] = (weight[tgt] - e_w / sum_exp.unsqueeze(1)) * scale
+            log_probs = target_y * scale - log_z
+            entropy = log_z - y_e * scale if y_e is not None else None
+            mean_logits = y_sum * (scale / vocab) if y_sum is not None else None
+            is_top1 = top == targets if top is not None else None
+            ctx.scale, ctx.need_rows = scale, need_rows
+            ctx.delta_dtype = delta.dtype if delta is not None else None
+            if need_rows:
+                hit = (targets.unsqueeze(1) == index.unsqueeze(0)).float()
+                ctx.save_for_backward(jacobian, hidden, hit - torch.exp(rows_y * scale - log_z.unsqueeze(1)))
+            else:
+                ctx.save_for_backward(jacobian)
+            # an entropy gradient (an entropy bonus in the loss) needs the recomputed tiles: TRL's kernel does that
+            ctx.fallback = (hidden, weight, delta, index, bias, targets, scale, chunk_size, outputs)
+            ctx.mark_non_differentiable(*(x for x in (mean_logits, is_top1) if x is not None))
+            return log_probs, entropy, None, mean_logits, is_top1
+
+        @staticmethod
+        def backward(ctx: Any, grad_log_probs: Any, grad_entropy: Any, *_: Any) -> tuple[Any, ...]:
+            if grad_entropy is not None:
+                return _head_backward_via_trl(ctx, grad_log_probs, grad_entropy)
+            none = (None,) * 9
+            if grad_log_probs is None:
+                return none
+            saved = ctx.saved_tensors
+            grad_hidden = grad_log_probs.unsqueeze(1) * saved[0] if saved[0] is not None else None
+            grad_delta = None
+            if ctx.need_rows:
+                hidden, coef = saved[1], saved[2]
+                grad_delta = ((coef * (grad_log_probs * ctx.scale).unsqueeze(1)).t() @ hidden).to(ctx.delta_dtype)
+            return grad_hidden, None, grad_delta, *none[3:]
+
+    return CpuHead
+
+
+def _head_backward_via_trl(ctx: Any, grad_log_probs: Any, grad_entropy: Any) -> tuple[Any, ...]:
+    """The gradient through TRL's own kernel (recomputing the tiles), for an entropy that is part of the loss."""
+    import torch
+    from trl.kernels import ChunkedLogProbFunction
+
+    hidden, weight, delta, index, bias, targets, scale, chunk_size, outputs = ctx.fallback
+    with torch.enable_grad():
+        h = hidden.detach().requires_grad_(ctx.needs_input_grad[0])
+        w = weight.detach().requires_grad_(ctx.need_rows)
+        log_probs, entropy, *_ = ChunkedLogProbFunction.apply(h, w, bias, targets, 1.0, chunk_size, None, scale,
+                                                              outputs)
+        pairs = [(o, g) for o, g in ((log_probs, grad_log_probs), (entropy, grad_entropy)) if g is not None]
+        wrt = [x for x in (h, w) if x.requires_grad]
+        grads = list(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs]))
+    grad_hidden = grads.pop(0) if h.requires_grad else None
+    grad_delta = grads.pop(0).index_select(0, index).to(delta.dtype) if w.requires_grad else None
+    return grad_hidden, None, grad_delta, None, None, None, None, None, None
+
+
+class _LazyFunction:
+    """An autograd Function built on first use, so torch is imported only when training needs it."""
+
+    def __init__(self, build: Any) -> None:
+        self._build, self._cls = build, None
+
+    def apply(self, *args: Any) -> Any:
+        if self._cls is None:
+            self._cls = self._build()
+        return self._cls.apply(*args)
+
+
+_CpuHead = _LazyFunction(_cpu_head_class)
 
 
 # -- devices, quiet libraries -----------------------------------------------------------------------------------
@@ -358,7 +623,10 @@ def _merged_weights(original: Any, buffers: dict[int, list[Any]]) -> Any:
                 or work.device != weight.device):
             holder[0] = work = weight.detach().clone()
         index = torch.as_tensor(self.token_indices[name], device=weight.device)
-        return _RowsInto.apply(self.trainable_tokens_delta[name], holder, index)
+        delta = self.trainable_tokens_delta[name]
+        merged = _RowsInto.apply(delta, holder, index)
+        setattr(merged, _ROWS_ATTR, (delta, index))  # cpu_head sends the gradient to these rows alone
+        return merged
 
     return get_merged_weights
 
@@ -410,18 +678,7 @@ def _rows_into_class() -> Any:
     return RowsInto
 
 
-class _LazyRowsInto:
-    """torch is imported only when training needs it."""
-
-    _cls: Any = None
-
-    def apply(self, *args: Any) -> Any:
-        if _LazyRowsInto._cls is None:
-            _LazyRowsInto._cls = _rows_into_class()
-        return _LazyRowsInto._cls.apply(*args)
-
-
-_RowsInto = _LazyRowsInto()
+_RowsInto = _LazyFunction(_rows_into_class)
 
 
 # -- post-training generation check ----------------------------------------------------------------------------
@@ -440,17 +697,21 @@ def smoke_budget(tokenizer: Any, answers: Sequence[str]) -> int:
 
 
 def smoke_test(model: Any, tokenizer: Any, prompts: Sequence[Sequence[Any]], keep_cot: bool,
-               max_new_tokens: int = SMOKE_NEW_TOKENS) -> dict[str, Any]:
+               max_new_tokens: int = SMOKE_NEW_TOKENS, repetition: Repetition | None = None) -> dict[str, Any]:
     """Greedy answers to a few training prompts: do they stop at end-of-turn, loop, carry the [Response] tag?
 
     Template mismatches show up here as answers that never stop or repeat forever; the result is reported, never
-    raised, because tiny or briefly trained models fail it legitimately.
+    raised, because tiny or briefly trained models fail it legitimately. Answers are decoded with `repetition`, as
+    eval, chat and serve decode them.
     """
     import torch
+    from transformers import LogitsProcessorList
 
+    from persllm.decoding import hf_processor
     from persllm.models import stop_token_ids
 
     stops = stop_token_ids(tokenizer)
+    repetition = repetition or Repetition()
     outputs = []
     was_training = model.training
     model.eval()
@@ -464,9 +725,12 @@ def smoke_test(model: Any, tokenizer: Any, prompts: Sequence[Sequence[Any]], kee
             chat = [{"role": m.role, "content": m.content} for m in messages]
             rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
             inputs = tokenizer(rendered, return_tensors="pt", add_special_tokens=False).to(model.device)
+            width = inputs["input_ids"].shape[1]
+            processors = LogitsProcessorList([hf_processor(repetition, width)] if repetition.active else [])
             with torch.no_grad():
                 generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                           eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+                                           eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+                                           logits_processor=processors)
             ids = generated[0, inputs["input_ids"].shape[1]:].tolist()
             outputs.append(_judge(ids, stops, tokenizer, keep_cot, messages[-1].content))
     finally:
@@ -475,7 +739,7 @@ def smoke_test(model: Any, tokenizer: Any, prompts: Sequence[Sequence[Any]], kee
         model.train(was_training)
     problems = sorted({p for o in outputs for p in o["problems"]})
     return {"ok": bool(outputs) and not problems, "problems": problems, "outputs": outputs,
-            "max_new_tokens": max_new_tokens}
+            "max_new_tokens": max_new_tokens, "repetition": repetition.as_dict()}
 
 
 def _judge(ids: list[int], stops: Sequence[int], tokenizer: Any, keep_cot: bool, question: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 from persllm import template
 from persllm.config import Project
 from persllm.errors import DataError
+from persllm.general import GeneralSource
 from persllm.types import Message, PreferencePair, Sample
 
 PERSONIFIED_KINDS: tuple[str, ...] = ("ordinary", "opinion", "induced", "general")
@@ -58,9 +59,12 @@ def general_conversation(messages: Sequence[Message]) -> list[Message] | None:
     return [m for m in messages[: last + 1] if m.content.strip() or m.role == "assistant"]
 
 
-def build_sft_records(project: Project, samples: Sequence[Sample],
-                      general: Sequence[Sequence[Message]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Training records `{"messages": [...]}`: train samples x sft.repeat plus general data, shuffled with the seed."""
+def build_sft_records(project: Project, samples: Sequence[Sample], general: Sequence[Sequence[Message]],
+                      general_source: GeneralSource | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Training records `{"messages": [...]}`: train samples x sft.repeat plus general data, shuffled with the seed.
+
+    The counts say how many of each went in, the realised general/personified ratio (sft.general_ratio within
+    rounding), whether general conversations had to be repeated to reach it, and where they came from."""
     sft = project.sft
     personified = [s for s in samples if s.split == "train" and s.kind in PERSONIFIED_KINDS]
     kinds = Counter(s.kind for s in personified)
@@ -72,9 +76,18 @@ def build_sft_records(project: Project, samples: Sequence[Sample],
     picked = _sample_indices(len(conversations), wanted, rng)
     records.extend({"messages": to_chat(conversations[i])} for i in picked)
     rng.shuffle(records)
-    counts = {"personified_samples": len(personified), "personified": len(records) - len(picked),
-              "general": len(picked), "general_available": len(conversations), "records": len(records),
-              **{f"kind_{k}": v for k, v in sorted(kinds.items())}}
+    n_personified = len(records) - len(picked)
+    counts: dict[str, Any] = {
+        "personified_samples": len(personified), "personified": n_personified, "general": len(picked),
+        "general_available": len(conversations), "records": len(records),
+        **{f"kind_{k}": v for k, v in sorted(kinds.items())},
+        "general_ratio": sft.general_ratio,
+        "general_ratio_realised": round(len(picked) / n_personified, 4) if n_personified else 0.0,
+        "general_distinct": len(set(picked)),
+        # fewer conversations than wanted: each is used in whole passes (plus a sample), not once
+        "general_repeated": len(picked) > len(conversations)}
+    if general_source is not None:
+        counts["general_source"] = general_source.to_dict()
     return records, counts
 
 

@@ -24,10 +24,12 @@ from persllm.train.sft import (
     finish_run,
     finish_setup,
     lean_save,
+    length_grouped,
     prepare_checkpoints,
     progress_callback,
     run_fingerprint,
     run_stats,
+    smoke_repetition,
     stack_meta,
     trainable_parameters,
 )
@@ -80,10 +82,9 @@ def train_dpo(project: Project, pairs: Sequence[PreferencePair], sft_dir: Path, 
                           save_steps=dpo.save_steps, warmup=DPO_WARMUP, weight_decay=0.0),
             beta=dpo.beta, max_length=dpo.max_length)
         tracker = progress_callback(progress, "DPO")
-        trainer = lean_save(DPOTrainer)(model=model, ref_model=ref_model, args=args,
-                                        train_dataset=Dataset.from_list(records),
-                                        processing_class=copy.deepcopy(tokenizer), peft_config=peft_config,
-                                        callbacks=[tracker, *callbacks])
+        trainer = lean_save(length_grouped(DPOTrainer))(
+            model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(records),
+            processing_class=copy.deepcopy(tokenizer), peft_config=peft_config, callbacks=[tracker, *callbacks])
         finish_setup(trainer)
         # A resumed run is past step 0, where a low loss is the goal rather than an alarm.
         sanity = step0_check(trainer, dpo.beta) if checkpoint is None else {"skipped": "resumed"}
@@ -100,7 +101,8 @@ def train_dpo(project: Project, pairs: Sequence[PreferencePair], sft_dir: Path, 
         prompts = [list(p.prompt) for p in smoke_pairs]
         budget = _model.smoke_budget(tokenizer, [p.chosen for p in smoke_pairs])
         metrics, smoke = finish_run(trainer, tokenizer, out_dir, ckpt_dir, target, stack, prompts,
-                                    project.sft.keep_cot, max_new_tokens=budget)
+                                    project.sft.keep_cot, max_new_tokens=budget,
+                                    repetition=smoke_repetition(project, trainer.model))
     last = metrics[-1] if metrics else {}
     return run_stats(trainer, result, metrics, smoke, started, checkpoint, fast) | {
         "method": method, "pairs": len(records), "dropped_too_long": too_long, "sanity": sanity,

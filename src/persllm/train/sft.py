@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from persllm.config import Project, resolved_dict
+from persllm.decoding import Repetition
 from persllm.errors import DataError
+from persllm.general import GeneralSource
 from persllm.progress import NULL, Progress
 from persllm.train import _model, dist
 from persllm.train.data import answer_text, build_sft_records, sample_prompt
@@ -36,15 +38,18 @@ SHARDED_SMOKE = {"ok": True, "skipped": "weights sharded by ZeRO-3/FSDP; run `pe
 
 
 def train_sft(project: Project, samples: Sequence[Sample], general: Sequence[Sequence[Message]], out_dir: Path,
-              progress: Progress = NULL, resume: bool = True, *, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+              progress: Progress = NULL, resume: bool = True, *, callbacks: Sequence[Any] = (),
+              general_source: GeneralSource | None = None) -> dict[str, Any]:
     """Fine-tune the base model; write adapter/ (or model/), metrics.jsonl, curves.png, smoke.json; return stats.
 
-    `callbacks` are extra transformers TrainerCallbacks (tests use one to interrupt a run).
+    `callbacks` are extra transformers TrainerCallbacks (tests use one to interrupt a run); `general_source` (what
+    load_general says about `general`) is reported in the stats' samples.
     """
     started = time.monotonic()
     sft = project.sft
     with _model.session():
-        run = prepare_sft(project, samples, general, out_dir, progress, resume, callbacks=callbacks)
+        run = prepare_sft(project, samples, general, out_dir, progress, resume, callbacks=callbacks,
+                          general_source=general_source)
         trainer = run.trainer
         try:
             result = trainer.train(resume_from_checkpoint=run.checkpoint)
@@ -56,7 +61,8 @@ def train_sft(project: Project, samples: Sequence[Sample], general: Sequence[Seq
         budget = _model.smoke_budget(run.tokenizer, [answer_text(project, s.analysis, s.response) for s in picked])
         stack = None if sft.method == "full" else stack_meta(target, run.loaded.below, run.loaded.base_path)
         metrics, smoke = finish_run(trainer, run.tokenizer, run.out_dir, run.ckpt_dir, target, stack, prompts,
-                                    sft.keep_cot, max_new_tokens=budget)
+                                    sft.keep_cot, max_new_tokens=budget,
+                                    repetition=smoke_repetition(project, run.loaded.model))
     return run_stats(trainer, result, metrics, smoke, started, run.checkpoint, run.fast) | {
         "method": sft.method, "samples": run.counts, "output": str(target),
         "trainable_parameters": trainable_parameters(trainer.model)}
@@ -69,7 +75,7 @@ class SFTRun:
     trainer: Any
     tokenizer: Any  # the tokenizer saved with the adapter (the trainer works on a copy)
     loaded: _model.Loaded
-    counts: dict[str, int]
+    counts: dict[str, Any]
     out_dir: Path
     ckpt_dir: Path
     checkpoint: str | None  # checkpoint training resumes from
@@ -78,7 +84,8 @@ class SFTRun:
 
 
 def prepare_sft(project: Project, samples: Sequence[Sample], general: Sequence[Sequence[Message]], out_dir: Path,
-                progress: Progress = NULL, resume: bool = True, *, callbacks: Sequence[Any] = ()) -> SFTRun:
+                progress: Progress = NULL, resume: bool = True, *, callbacks: Sequence[Any] = (),
+                general_source: GeneralSource | None = None) -> SFTRun:
     """Load the model, build the mixed data and the SFTTrainer, find the checkpoint to resume from; train nothing."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -87,7 +94,7 @@ def prepare_sft(project: Project, samples: Sequence[Sample], general: Sequence[S
     out_dir.mkdir(parents=True, exist_ok=True)
     sft = project.sft
     _model.check_method(sft.method)
-    records, counts = build_sft_records(project, samples, general)
+    records, counts = build_sft_records(project, samples, general, general_source)
     if not counts["personified"]:
         raise DataError("no personified training samples (split 'train'); run `persllm construct` first "
                         "and check that it produced train samples")
@@ -116,9 +123,9 @@ def prepare_sft(project: Project, samples: Sequence[Sample], general: Sequence[S
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1})  # paper: 10% floor
     tracker = progress_callback(progress, "SFT")
     # The trainer gets its own tokenizer: it rewrites eos_token, which must not leak into the saved one.
-    trainer = lean_save(SFTTrainer)(model=model, args=args, train_dataset=Dataset.from_list(records),
-                                    processing_class=copy.deepcopy(loaded.tokenizer), peft_config=peft_config,
-                                    callbacks=[tracker, *callbacks])
+    trainer = lean_save(length_grouped(SFTTrainer))(
+        model=model, args=args, train_dataset=Dataset.from_list(records),
+        processing_class=copy.deepcopy(loaded.tokenizer), peft_config=peft_config, callbacks=[tracker, *callbacks])
     finish_setup(trainer, sft.token_lr_ratio if sft.method != "full" else 1.0)
     return SFTRun(trainer=trainer, tokenizer=loaded.tokenizer, loaded=loaded, counts=counts, out_dir=out_dir,
                   ckpt_dir=ckpt_dir, checkpoint=checkpoint, tracker=tracker, fast=fast)
@@ -254,6 +261,77 @@ def progress_callback(progress: Progress, description: str) -> Any:
     return _Progress()
 
 
+GROUP_BATCHES = 50  # a mega-batch of this many batches is sorted by length before it is cut into batches
+
+
+def length_grouped(trainer_cls: type) -> type:
+    """Trainer subclass whose batches hold conversations (or pairs) of similar length, so they pad little.
+
+    Every record is still seen once per epoch; only the order changes (see LengthGroupedBatches). With one record
+    per batch there is nothing to pad and the trainer's own sampler is kept.
+    """
+
+    class Grouped(trainer_cls):  # type: ignore[valid-type, misc]
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            lengths = row_lengths(dataset) if self.args.per_device_train_batch_size > 1 else None
+            if lengths is None:
+                return super()._get_train_sampler(train_dataset)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return LengthGroupedBatches(lengths, self.args.per_device_train_batch_size, seed)
+
+    Grouped.__name__ = Grouped.__qualname__ = f"Grouped{trainer_cls.__name__}"
+    return Grouped
+
+
+def row_lengths(dataset: Any) -> list[int] | None:
+    """Padded length of each tokenized row: SFT input_ids, or DPO prompt plus the longer answer; None if unknown."""
+    columns = set(getattr(dataset, "column_names", None) or ())
+    if {"prompt_ids", "chosen_ids", "rejected_ids"} <= columns:
+        return [len(p) + max(len(c), len(r)) for p, c, r in zip(
+            dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)]
+    if "input_ids" in columns:
+        return [len(ids) for ids in dataset["input_ids"]]
+    return None
+
+
+class LengthGroupedBatches:
+    """Sampler: a seeded shuffle cut into mega-batches of GROUP_BATCHES batches, each sorted by length and cut into
+    batches, whose order is then shuffled again (the short remainder batch stays last, where the loader expects it).
+
+    The order depends only on the seed and the epoch (`set_epoch`), so a resumed run skips exactly the batches it
+    trained before. Under `accelerate launch` each process takes whole batches of it, as with any sampler.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group: int = GROUP_BATCHES) -> None:
+        self.lengths, self.batch_size, self.seed, self.group = list(lengths), batch_size, seed, group
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Any:
+        return iter(self.order())
+
+    def order(self) -> list[int]:
+        """This epoch's indices."""
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        shuffled = torch.randperm(len(self.lengths), generator=generator).tolist()
+        size = self.batch_size * self.group
+        batches: list[list[int]] = []
+        for start in range(0, len(shuffled), size):
+            chunk = sorted(shuffled[start:start + size], key=self.lengths.__getitem__)
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        tail = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
+        picked = torch.randperm(len(batches), generator=generator).tolist()
+        return [i for b in [*(batches[p] for p in picked), *tail] for i in b]
+
+
 def lean_save(trainer_cls: type) -> type:
     """Trainer subclass whose checkpoints hold only the adapter, never the full (resized) embedding matrix.
 
@@ -328,9 +406,18 @@ def stack_meta(target: Path, below: Sequence[Path], base: str) -> dict[str, Any]
     return {"stack": [os.path.relpath(Path(p).resolve(), Path(target).resolve()) for p in below], "base": base}
 
 
+def smoke_repetition(project: Project, model: Any) -> Repetition:
+    """The decoding the persona's answers get from this model (its size picks the defaults), for the smoke test."""
+    from persllm.variants import project_repetition
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return project_repetition(project, sum(p.numel() for p in base.parameters()))
+
+
 def finish_run(trainer: Any, tokenizer: Any, out_dir: Path, ckpt_dir: Path, target: Path,
                stack: dict[str, Any] | None, prompts: Sequence[Sequence[Message]], keep_cot: bool,
-               max_new_tokens: int = _model.SMOKE_NEW_TOKENS) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+               max_new_tokens: int = _model.SMOKE_NEW_TOKENS,
+               repetition: Repetition | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """After training: save the result, metrics, curves and smoke test, drop the checkpoints; (metrics, smoke).
 
     Call on every rank: a sharded model is gathered from all of them, then rank 0 alone writes.
@@ -341,7 +428,8 @@ def finish_run(trainer: Any, tokenizer: Any, out_dir: Path, ckpt_dir: Path, targ
     save_final(trainer.model, tokenizer, target, stack, state_dict)
     metrics = write_metrics(out_dir, trainer.state.log_history)
     smoke = (SHARDED_SMOKE if state_dict is not None
-             else _model.smoke_test(trainer.model, tokenizer, prompts, keep_cot, max_new_tokens=max_new_tokens))
+             else _model.smoke_test(trainer.model, tokenizer, prompts, keep_cot, max_new_tokens=max_new_tokens,
+                                    repetition=repetition))
     write_json(out_dir / "smoke.json", smoke)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the saved model is the result
     return metrics, smoke
