@@ -378,7 +378,7 @@ class Project:
     seed: int = 42
     """Seed for sampling, splitting and training."""
     preset: str = "default"
-    """Named set of sizes: default, demo (about 15 minutes on 2 CPU cores) or cpu (about an hour)."""
+    """Named set of sizes: default, demo (about 15 minutes on 2 CPU cores) or cpu (sized for about an hour)."""
     peers: list[str] = field(default_factory=list)
     """Other persona project directories, for cross-persona negatives and distinction metrics."""
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -417,8 +417,8 @@ class Project:
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # Sized so `persllm run examples/ada-lovelace --preset demo` finishes in about 15 minutes on 2 CPU cores
-    # (measured on an idle machine for examples/lu-xun: construct 5-11 min the first time, SFT 30 steps 231 s,
-    # DPO 10 steps + held-out preference accuracy 148 s, eval 125 s), plus the one-time model preparation.
+    # (measured for examples/ada-lovelace: construct 5 min the first time, SFT 60 steps 317 s, DPO 10 steps 46 s
+    # plus the held-out preference check, eval 163 s), plus the one-time model preparation.
     "demo": {
         "construct": {"questions_per_passage": 2, "max_per_stage": 12, "general_per_stage": 3, "max_tokens": 256},
         # Responses only: a 270M model trained for minutes on [Analysis] ... [Response] ... leaks the analysis into
@@ -434,8 +434,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "ipip_interview_items": 0, "judge_items": 1, "judge_repeats": 1, "judge_retries": 0,
                  "judge_max_tokens": 24},
     },
-    # The best persona 2 CPU cores make in about an hour (benchmarks/README.md, recipe): every passage seeds
-    # questions, several times the demo's training steps on responses only, a larger probe set.
+    # Sized for about an hour on 2 CPU cores (estimated from the demo's stage times; not yet measured end to end,
+    # see benchmarks/README.md, recipe): the demo's recipe with every passage as a seed, 2.5x its SFT steps, a larger
+    # probe set.
     "cpu": {
         "construct": {"questions_per_passage": 2, "max_per_stage": 0, "general_per_stage": 4, "max_tokens": 256},
         "sft": {"max_steps": 150, "batch_size": 4, "max_length": 320, "repeat": 2, "save_steps": 50,
