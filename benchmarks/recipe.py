@@ -72,6 +72,11 @@ CANDIDATES = (
 )
 
 
+def named(name: str) -> Candidate:
+    """The candidate called `name`."""
+    return next(c for c in CANDIDATES if c.name == name)
+
+
 def selected(names: str | None) -> list[Candidate]:
     """Candidates named in a comma-separated list (all when empty); unknown names are an error."""
     if not names:
@@ -120,7 +125,7 @@ def run_candidate(persona: str, candidate: Candidate, workdir: Path) -> dict[str
         if not (out / stage).exists():
             shutil.copytree(data / stage, out / stage)
     if candidate.reuses:  # same SFT and DPO settings: their fingerprints match and the pipeline skips them
-        run_candidate(persona, next(c for c in CANDIDATES if c.name == candidate.reuses), workdir)
+        run_candidate(persona, named(candidate.reuses), workdir)
         for stage in ("sft", "dpo"):
             if not (out / stage).exists():
                 shutil.copytree(workdir / persona / candidate.reuses / "out" / stage, out / stage,
@@ -128,7 +133,7 @@ def run_candidate(persona: str, candidate: Candidate, workdir: Path) -> dict[str
     settings = list(candidate.overrides)
     reference = ""
     if candidate.compare_with:  # its own data, so other probes: the other DPO model answers them here as well
-        run_candidate(persona, next(c for c in CANDIDATES if c.name == candidate.compare_with), workdir)
+        run_candidate(persona, named(candidate.compare_with), workdir)
         from persllm.models import embedded_hf_dir
 
         adapter = workdir / persona / candidate.compare_with / "out" / "dpo" / "adapter"

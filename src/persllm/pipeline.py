@@ -197,19 +197,15 @@ def _construct_config(project: Project) -> dict[str, Any]:
 def _general_digest(project: Project) -> str:
     """Digest of the general conversations in use: the source (for datasets) and every selected record's id and
     turns. general.size bounds what is hashed; the built-in set and single-turn JSONL keep their earlier digest."""
-    import hashlib
-
     from persllm.general import general_config, load_general
+    from persllm.types import stable_id
 
     records, source = load_general(project)
     parts = ([] if source.kind in ("builtin", "jsonl") else
              [f"{source.kind}|{source.name}|{source.split}|{source.size}|{general_config(project).field}"])
     parts += (r.id + r.instruction + r.reference + "".join(m.role + m.content for m in r.messages[2:])
               for r in records)
-    digest = hashlib.sha256()
-    for i, part in enumerate(parts):  # = types.stable_id(*parts), without joining a big dataset into one string
-        digest.update((("\x1f" if i else "") + part).encode("utf-8"))
-    return digest.hexdigest()[:16]
+    return stable_id(*parts)
 
 
 def _run_construct(project: Project, ws: Workspace, progress: Progress) -> dict[str, Any]:
