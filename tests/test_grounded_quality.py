@@ -108,6 +108,31 @@ def test_never_lived_events_survive_a_shared_character() -> None:
     assert events  # 瑞典 shares characters with the material (典, 女) but is not in it
 
 
+@pytest.mark.parametrize("example", EXAMPLE_NAMES)
+def test_events_long_before_the_persona_are_denied_as_witnessed(example: str) -> None:
+    from persllm.data import anachronisms
+    result, _, lang = built(example, None)
+    project = load_project(EXAMPLES / example)
+    first = F.label_year(project.stages[0].label)
+    events = [s for s in result.samples if s.meta.get("premise") == "before_time"]
+    assert events
+    evaluated = {a.get(lang, a["en"]) for a in anachronisms()}
+    for sample in events:
+        assert first is not None and sample.meta["year"] <= first - F.LONG_BEFORE_YEARS
+        assert sample.meta["thing"] in sample.question and sample.meta["thing"] not in evaluated  # no eval item
+        assert str(sample.meta["year"]) in sample.response and str(sample.meta["year"]) in sample.analysis
+    negatives = [n for n in result.negatives if n.type == "induced" and n.sample_id in {s.id for s in events}]
+    assert negatives and all(n.response not in {s.response for s in events} for n in negatives)
+
+
+def test_identity_answers_without_a_fact_end_as_sentences() -> None:
+    for example in EXAMPLE_NAMES:
+        result, _, _ = built(example, None)
+        for sample in result.samples:
+            if sample.meta.get("premise") == "identity":
+                assert not sample.response.rstrip().endswith((":", "：", ",", "，", " and")), sample.response
+
+
 @pytest.mark.parametrize("bad", [
     "In January 1816 Lady Byron left the family home with the baby me.",
     "On 14 August 1843 me wrote Babbage a long letter.",

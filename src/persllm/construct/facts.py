@@ -326,6 +326,9 @@ def _replace_once(sentence: str, old: str, new: str) -> str:
     return re.sub(rf"(?<![{edge}])" + re.escape(old) + rf"(?![{edge}])", new, sentence, count=1)
 
 
+LONG_BEFORE_YEARS = 100  # an event this long before the first stage was surely before the persona was born
+
+
 def label_year(label: str) -> int | None:
     """The year a stage label names ('1835', 'summer 1843', '1890s'), if any."""
     match = re.search(r"(?<!\d)(\d{3,4})(?!\d)", label)

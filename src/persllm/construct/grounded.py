@@ -8,8 +8,9 @@ checks. Everything else comes from the persona's own material:
   in the first person plus the persona's own words where they bear on the question;
 - opinion items start from a view the persona states (`views.py`): the user agrees with it, doubts it or
   contradicts it, and the persona answers from that relation in their own words;
-- induced questions carry a false premise (a changed fact, a later invention, a life never lived, an attack on
-  the persona's identity) that the analysis names and the answer corrects.
+- induced questions carry a false premise (a changed fact, a later invention, a life never lived, an event long
+  before the persona was born, an attack on the persona's identity) that the analysis names and the answer
+  corrects.
 
 Every sample must pass the checks of `quality.py` while it is built (grammatical rewrites, an answer that takes up
 the question, no sentence reused beyond a few responses); where no such sample can be built for a slot, none is,
@@ -233,10 +234,11 @@ class GroundedMethod:
         return best if self.view_uses.get(best.sentence, 0) < Q.REUSE_LIMIT else None
 
     def _induced_question(self, slot: Slot, rng: random.Random) -> Question | Failed:
-        order = [slot.variant] + [v for v in ("wrong_fact", "after_time", "never_lived", "identity")
+        order = [slot.variant] + [v for v in ("wrong_fact", "after_time", "never_lived", "before_time", "identity")
                                   if v != slot.variant]
         builders = {"wrong_fact": self._induced_wrong_fact, "after_time": self._induced_after_time,
-                    "never_lived": self._induced_never_lived, "identity": self._induced_identity}
+                    "never_lived": self._induced_never_lived, "before_time": self._induced_before_time,
+                    "identity": self._induced_identity}
         for variant in order:
             built = builders[variant](slot, rng)
             if built is not None:
@@ -282,6 +284,18 @@ class GroundedMethod:
         event = rng.choice(events)
         text = self._fill_choice("grounded.induced.never_lived", rng, **event)
         return Question(text, "template", {"premise": "never_lived", **event})
+
+    def _induced_before_time(self, slot: Slot, rng: random.Random) -> Question | None:
+        # Witnessing what happened long before the first stage (TimeChara's past-absence): the persona was not born.
+        first = F.label_year(self.project.stages[0].label)
+        if first is None:
+            return None
+        events = [e for e in self.prompts.get("grounded.before_time") if e["year"] <= first - F.LONG_BEFORE_YEARS]
+        if not events:
+            return None
+        event = rng.choice(events)
+        text = self._fill_choice("grounded.induced.before_time", rng, thing=event["thing"])
+        return Question(text, "template", {"premise": "before_time", "thing": event["thing"], "year": event["year"]})
 
     def _induced_identity(self, slot: Slot, rng: random.Random) -> Question:
         return Question(self._fill_choice("grounded.induced.identity", rng), "template", {"premise": "identity"})
@@ -329,7 +343,8 @@ class GroundedMethod:
         premise = question.meta.get("premise", "")
         own_stage = stage_id == slot.stage
         build = {"wrong_fact": self._wrong_fact_answer, "after_time": self._after_time_answer,
-                 "never_lived": self._never_lived_answer, "identity": self._identity_answer}.get(premise)
+                 "never_lived": self._never_lived_answer, "before_time": self._before_time_answer,
+                 "identity": self._identity_answer}.get(premise)
         if slot.kind == "opinion":
             built = self._opinion_answer(slot, stage_id, question, names, rng, budget, own_stage)
         elif build is not None:
@@ -440,6 +455,15 @@ class GroundedMethod:
                     self.prompts.fill("grounded.analysis.correct", **names)]
         return analysis, parts, {"fact_origin": "none"}
 
+    def _before_time_answer(self, slot: Slot, stage_id: str, question: Question, context: Context,
+                            names: dict[str, str], rng: random.Random, budget: Q.SentenceBudget | None) -> Built:
+        values = {**names, "thing": question.meta["thing"], "year": question.meta["year"]}
+        parts = [self._fill_choice("grounded.response.before_time", rng, **values)]
+        analysis = [self.prompts.fill("grounded.analysis.ask", **names),
+                    self.prompts.fill("grounded.analysis.before_time", **values),
+                    self.prompts.fill("grounded.analysis.correct", **names)]
+        return analysis, parts, {"fact_origin": "none"}
+
     def _identity_answer(self, slot: Slot, stage_id: str, question: Question, context: Context,
                          names: dict[str, str], rng: random.Random, budget: Q.SentenceBudget | None) -> Built:
         facts = _fresh([f for f in (self.rewrites.get(s) for s in self._identity_sentences(stage_id, slot))
@@ -447,7 +471,7 @@ class GroundedMethod:
         # The persona as the subject ("I married ..."), not a sentence about someone else that mentions them.
         facts = [f for f in facts if re.match(r"^(?:[\w,’'\-]+\s+){0,5}(?:I|my)\b|^我|^\d+年[，,]?我", f.first)]
         lead = self._fill_choice("grounded.response.identity", rng, **names)
-        parts = [_join_lead(lead, facts[0].first, self.lang, self.material)] if facts else [lead]
+        parts = [_join_lead(lead, facts[0].first, self.lang, self.material)] if facts else [_closed(lead, self.lang)]
         analysis = [self.prompts.fill("grounded.analysis.ask", **names),
                     self.prompts.fill("grounded.analysis.identity", **names)]
         if facts:
@@ -463,6 +487,8 @@ class GroundedMethod:
             values["thing"] = question.meta["thing"]
         elif premise == "never_lived":
             values["event"] = question.meta["event"]
+        elif premise == "before_time":
+            values["thing"] = question.meta["thing"]
         return self._fill_choice(f"grounded.accept.{premise}", rng, **values)
 
     # -- facts and the persona's own words ------------------------------------------------------------------
@@ -678,6 +704,12 @@ def _join_lead(lead: str, sentence: str, language: str, material: str = "") -> s
     if lead.endswith((".", "!", "?")):
         return f"{lead} {sentence}"
     return f"{lead} {F.lower_start(sentence, material)}"
+
+
+def _closed(lead: str, language: str) -> str:
+    """A lead that introduces a sentence, ended as a sentence of its own ("I am Ada, and" -> "I am Ada.")."""
+    bare = re.sub(r"(?:[,，]\s*and|[:：,，])\s*$", "", lead.strip())
+    return bare if bare.endswith(("。", ".", "!", "?", "！", "？")) else bare + ("。" if language == "zh" else ".")
 
 
 def _self_contained(sentence: str, passage: Passage) -> bool:

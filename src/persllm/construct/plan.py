@@ -14,7 +14,7 @@ from persllm.config import Project
 from persllm.types import Passage, stable_id
 
 STANCES = ("agree", "differ", "conflict")
-INDUCED = ("wrong_fact", "after_time", "identity", "never_lived")
+INDUCED = ("wrong_fact", "after_time", "identity", "never_lived", "before_time")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ from persllm.types import Passage, Probe, Sample, stable_id
 
 KIND_ORDER = ("knowledge", "future", "induction", "identity", "stance", "past_presence", "past_absence", "past_only")
 TEMPORAL_KINDS = ("future", "past_absence", "past_presence", "past_only")
-_PAST_ABSENCE_GAP = 100  # years before the first stage: surely before the persona was born
 _PER_STAGE = {"future": 4, "past_absence": 2, "never_lived": 2}
 
 PHRASES: dict[str, dict[str, list[str]]] = {
@@ -349,7 +348,7 @@ def _past_absence(src: Sources) -> list[Probe]:
     first = _year(src, src.project.stages[0].id)
     if first is None:
         return []
-    events = [a for a in anachronisms() if a["year"] <= first - _PAST_ABSENCE_GAP]
+    events = [a for a in anachronisms() if a["year"] <= first - F.LONG_BEFORE_YEARS]
     out = []
     for i, stage in enumerate(src.project.stages):
         for k, thing in enumerate(events[i * _PER_STAGE["past_absence"]:][:_PER_STAGE["past_absence"]]):
