@@ -62,10 +62,12 @@ def test_sigkill_during_arena_voting_loses_no_acknowledged_vote(project_dir: Pat
     port = free_port()
     cmd = _persllm("arena", str(project_dir), "--set", "teacher=fake", "--set", "construct.mode=grounded",
                    "--set", f"base_model=hf:{tiny_model}", "--models", "base,fake", "--questions", "4",
-                   "--max-tokens", "8", "--db", str(db), "--port", str(port))
+                   "--max-tokens", "8", "--db", str(db), "--port", str(port),
+                   "--new-voters-per-hour", "100000")  # the voting threads below go through many voters
 
     def start() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, env=ENV | {"PERSLLM_ARENA_ADMIN_KEY": "faults-key"}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         if wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout=240) is not None:
             return proc
         proc.kill()
@@ -76,13 +78,16 @@ def test_sigkill_during_arena_voting_loses_no_acknowledged_vote(project_dir: Pat
     stop = threading.Event()
 
     def vote_forever() -> None:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
-            while not stop.is_set():
+        while not stop.is_set():  # a new voter (cookie) each time one has voted on every question
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
                 try:
-                    ballot = client.get("/api/ballot").json()
-                    reply = client.post("/vote", json={"token": ballot["token"], "choice": "A", "comment": "ok"})
-                    if reply.status_code == 200:
-                        acknowledged.append(ballot["token"])
+                    while not stop.is_set():
+                        ballot = client.get("/api/ballot").json()
+                        if "token" not in ballot:
+                            break
+                        reply = client.post("/vote", json={"token": ballot["token"], "choice": "A", "comment": "ok"})
+                        if reply.status_code == 200:
+                            acknowledged.append(ballot["token"])
                 except (httpx.HTTPError, ValueError, KeyError):
                     return
 
@@ -102,8 +107,8 @@ def test_sigkill_during_arena_voting_loses_no_acknowledged_vote(project_dir: Pat
     assert set(acknowledged) <= stored  # every vote the server confirmed survived the kill
     proc = start()  # and the arena comes back on the same database
     try:
-        results = httpx.get(f"http://127.0.0.1:{port}/api/results", timeout=10).json()
-        assert results["votes"] == len(stored) if "votes" in results else True
+        results = httpx.get(f"http://127.0.0.1:{port}/api/results", params={"key": "faults-key"}, timeout=10).json()
+        assert results["votes"] == len(stored)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

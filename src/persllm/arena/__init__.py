@@ -5,7 +5,7 @@ confidence intervals.
 
     store = ArenaStore(default_db(project))
     prepare(project, store, ["base", "dpo"], heldout_questions(project, 40))
-    app = create_arena_app(project, store)          # persllm.arena.app; serve with persllm.serve.run_server
+    app = create_arena_app(project, store, admin_key=KEY)  # persllm.arena.app; serve with persllm.serve.run_server
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 
 from persllm.arena.prepare import heldout_questions, prepare
 from persllm.arena.rank import Standing, bradley_terry, standings
-from persllm.arena.store import ArenaStore, Ballot, Question, Vote
+from persllm.arena.store import ArenaLimits, ArenaStore, Ballot, Question, Vote
 from persllm.config import Project
 
-__all__ = ["ArenaStore", "Ballot", "Question", "Standing", "Vote", "bradley_terry", "default_db",
+__all__ = ["ArenaLimits", "ArenaStore", "Ballot", "Question", "Standing", "Vote", "bradley_terry", "default_db",
            "heldout_questions", "prepare", "standings"]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from html import escape
+from urllib.parse import quote
 
 from persllm.arena.rank import Standing
 from persllm.arena.store import Ballot
@@ -22,18 +23,21 @@ td:nth-child(2),th:nth-child(2){text-align:left}
 """
 
 
-def _page(title: str, body: str) -> str:
+def _page(title: str, body: str, results: str = "") -> str:
+    """A whole page; `results` is the link to the results, shown only to the organiser (voters cannot open them)."""
+    link = f'<a href="{escape(results)}">Results</a>' if results else ""
     return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" "
             f"content=\"width=device-width, initial-scale=1\"><title>{escape(title)}</title><style>{STYLE}</style>"
-            f"</head><body><nav><a href=\"/\">Vote</a><a href=\"/results\">Results</a></nav>{body}</body></html>")
+            f"</head><body><nav><a href=\"/\">Vote</a>{link}</nav>{body}</body></html>")
 
 
-def ballot_page(persona: str, label: str, ballot: Ballot | None, notice: str = "") -> str:
-    """A question, answers A and B, the three choices and a comment box."""
+def ballot_page(persona: str, label: str, ballot: Ballot | None, notice: str = "", done: bool = False) -> str:
+    """A question, answers A and B, the three choices and a comment box (`done`: the voter has voted on all)."""
     note = f'<p class="ok" id="notice">{escape(notice)}</p>' if notice else ""
     if ballot is None:
-        return _page(f"{persona} arena", f"<h1>{escape(persona)} arena</h1>{note}<p id=\"empty\">No questions are "
-                     "ready: prepare answers with <code>persllm arena</code> first.</p>")
+        empty = ("You have voted on every question. Thank you for taking part!" if done else
+                 "No questions are ready: prepare answers with <code>persllm arena</code> first.")
+        return _page(f"{persona} arena", f"<h1>{escape(persona)} arena</h1>{note}<p id=\"empty\">{empty}</p>")
     answers = "".join(
         f'<div class="answer" id="answer-{side.lower()}"><h2>Answer {side}</h2>{escape(text)}</div>'
         for side, text in (("A", ballot.left_answer), ("B", ballot.right_answer)))
@@ -52,9 +56,16 @@ def ballot_page(persona: str, label: str, ballot: Ballot | None, notice: str = "
     return _page(f"{persona} arena", body)
 
 
+def locked_page(persona: str, message: str) -> str:
+    """What a voter sees at /results: results are the organiser's until the study is over."""
+    return _page(f"{persona} arena results", f"<h1>{escape(persona)} arena: results</h1>"
+                 f'<p id="locked">{escape(message)}</p>')
+
+
 def results_page(persona: str, rows: Sequence[Standing], total: int,
-                 pairs: dict[tuple[str, str], tuple[int, int, int]]) -> str:
-    """Win rates, the Bradley-Terry ranking with intervals, and head-to-head counts."""
+                 pairs: dict[tuple[str, str], tuple[int, int, int]], key: str = "") -> str:
+    """Win rates, the Bradley-Terry ranking with intervals, and head-to-head counts; links carry the admin `key`."""
+    query = f"?key={quote(key, safe='')}" if key else ""
     ranking = "".join(
         f"<tr><td>{s.rank}</td><td>{escape(s.model)}</td><td>{s.games}</td><td>{s.wins}</td><td>{s.losses}</td>"
         f"<td>{s.ties}</td><td>{'-' if s.win_rate is None else f'{100 * s.win_rate:.0f}%'}</td>"
@@ -67,5 +78,6 @@ def results_page(persona: str, rows: Sequence[Standing], total: int,
             '<p class="note">Win rate counts a tie as half a win. Ratings are Bradley-Terry strengths on the Elo '
             "scale (mean 1000); intervals come from resampling the votes.</p>"
             '<table id="pairs"><tr><th>pair</th><th>first</th><th>first wins</th><th>second wins</th><th>ties</th>'
-            f'</tr>{heads}</table><p><a href="/results.csv">ranking CSV</a> · <a href="/votes.csv">votes CSV</a></p>')
-    return _page(f"{persona} arena results", body)
+            f'</tr>{heads}</table><p><a href="{escape(f"/results.csv{query}")}">ranking CSV</a> · '
+            f'<a href="{escape(f"/votes.csv{query}")}">votes CSV</a></p>')
+    return _page(f"{persona} arena results", body, f"/results{query}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import math
 import random
@@ -12,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from persllm.arena.store import Vote
+from persllm.csvsafe import csv_text
 
 PRIOR = 0.5  # virtual wins each way per pair: keeps strengths finite when one model won every vote
 ELO_BASE, ELO_SCALE = 1000.0, 400.0 / math.log(10)  # ratings on the familiar Elo scale (Chatbot Arena style)
@@ -96,26 +95,17 @@ def pairwise(votes: Sequence[Vote]) -> dict[tuple[str, str], tuple[int, int, int
 
 def standings_csv(rows: Sequence[Standing]) -> str:
     """The ranking as CSV."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["rank", "model", "games", "wins", "losses", "ties", "win_rate", "rating", "rating_low",
-                     "rating_high"])
-    for s in rows:
-        writer.writerow([s.rank, s.model, s.games, s.wins, s.losses, s.ties,
-                         "" if s.win_rate is None else f"{s.win_rate:.4f}", f"{s.rating:.1f}", f"{s.low:.1f}",
-                         f"{s.high:.1f}"])
-    return out.getvalue()
+    header = ["rank", "model", "games", "wins", "losses", "ties", "win_rate", "rating", "rating_low", "rating_high"]
+    return csv_text(header, ([s.rank, s.model, s.games, s.wins, s.losses, s.ties,
+                              "" if s.win_rate is None else f"{s.win_rate:.4f}", f"{s.rating:.1f}", f"{s.low:.1f}",
+                              f"{s.high:.1f}"] for s in rows))
 
 
 def votes_csv(votes: Sequence[Vote]) -> str:
-    """Every vote as CSV (model A is the answer shown on the left)."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["vote_id", "created_utc", "question_id", "stage", "question", "model_a", "model_b", "choice",
-                     "winner", "comment"])
-    for v in votes:
-        created = datetime.fromtimestamp(v.created, UTC).isoformat(timespec="seconds")
-        choice = {"left": "A", "right": "B", "tie": "tie"}[v.choice]
-        writer.writerow([v.id, created, v.question.id, v.question.stage, v.question.question, v.left_model,
-                         v.right_model, choice, v.winner or "tie", v.comment])
-    return out.getvalue()
+    """Every vote as CSV (model A is the answer shown on the left; voter is a pseudonymous cookie id)."""
+    header = ["vote_id", "created_utc", "question_id", "stage", "question", "model_a", "model_b", "choice", "winner",
+              "comment", "voter"]
+    return csv_text(header, ([v.id, datetime.fromtimestamp(v.created, UTC).isoformat(timespec="seconds"),
+                              v.question.id, v.question.stage, v.question.question, v.left_model, v.right_model,
+                              {"left": "A", "right": "B", "tie": "tie"}[v.choice], v.winner or "tie", v.comment,
+                              v.voter or ""] for v in votes))

@@ -161,18 +161,31 @@ def converse(agents: Sequence[str], topic: str, turns: int, mode: str, policy: s
               help="Write the ranking to this CSV (and the votes beside it as *.votes.csv), then exit.")
 @click.option("--temperature", type=float, default=0.7, show_default=True)
 @click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--admin-key", envvar="PERSLLM_ARENA_ADMIN_KEY", default=None,
+              help="Key that opens the results and CSV exports (also $PERSLLM_ARENA_ADMIN_KEY); without one a random "
+                   "key is made and printed.")
+@click.option("--votes-per-hour", type=click.IntRange(min=1), default=60, show_default=True,
+              help="Votes one voter (browser cookie) may cast per hour; each question counts once per voter anyway.")
+@click.option("--new-voters-per-hour", type=click.IntRange(min=1), default=20, show_default=True,
+              help="New voter cookies one client address gets per hour; raise it when many voters share an address "
+                   "(a NAT or a reverse proxy).")
 def arena(project: Path, preset: str | None, overrides: Sequence[str], output: Path | None, models: str | None,
           questions: int, db: Path | None, host: str, port: int, export_to: Path | None, temperature: float,
-          max_tokens: int) -> None:
+          max_tokens: int, admin_key: str | None, votes_per_hour: int, new_voters_per_hour: int) -> None:
     """Human A/B evaluation in the browser: which of two anonymised answers is more in character?"""
+    import secrets
+    from urllib.parse import quote
+
     from persllm import arena as ab
     from persllm import serve as server
     from persllm import variants
+    from persllm.arena.store import ArenaLimits
     from persllm.backends.base import GenParams
     from persllm.errors import ConfigError
 
     proj = load(project, preset, overrides, output)
-    store = ab.ArenaStore(db or ab.default_db(proj))
+    limits = ArenaLimits(votes_per_window=votes_per_hour, new_voters_per_window=new_voters_per_hour, window_s=3600.0)
+    store = ab.ArenaStore(db or ab.default_db(proj), limits)
     if export_to is not None:
         _export(store, export_to)
         return
@@ -189,11 +202,14 @@ def arena(project: Path, preset: str | None, overrides: Sequence[str], output: P
                           params=GenParams(temperature=temperature, max_tokens=max_tokens), progress=progress)
     from persllm.arena.app import create_arena_app
 
+    key = admin_key or secrets.token_urlsafe(16)
+    url = f"http://{host}:{sock.getsockname()[1]}"
     console.print(f"{len(asked)} held-out questions; new answers: "
                   + ", ".join(f"{m} {n}" for m, n in made.items()) + f"; votes go to {escape(str(store.path))}")
-    console.print(f"Arena at [bold]http://{host}:{sock.getsockname()[1]}/[/bold] (results at /results). "
-                  "Ctrl-C stops.")
-    server.run_server(create_arena_app(proj, store, names), sock, log_level="warning")
+    console.print(f"Arena at [bold]{url}/[/bold]. Ctrl-C stops.")
+    console.print(f"Results (organiser only, keep the key private): {escape(url)}/results?key={escape(quote(key))}"
+                  + ("" if admin_key else " (a new key each start; set one with --admin-key)"), soft_wrap=True)
+    server.run_server(create_arena_app(proj, store, names, admin_key=key), sock, log_level="warning")
 
 
 def _export(store: Any, path: Path) -> None:
