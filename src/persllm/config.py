@@ -422,7 +422,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         # Every passage seeds questions: the grounded construct takes about a minute for the examples, and 60 steps
         # over ~90 varied samples generalise where 60 steps over ~30 were memorised (benchmarks/README.md, recipe).
-        "construct": {"questions_per_passage": 2, "max_per_stage": 0, "general_per_stage": 6, "max_tokens": 256},
+        # Induced items are weighted up from the default 0.3: they need no particular passage, and opinion slots run
+        # out of the persona's own views (most are dropped as no_view on the examples).
+        "construct": {"questions_per_passage": 2, "max_per_stage": 0, "general_per_stage": 6, "max_tokens": 256,
+                      "kinds": {"ordinary": 0.4, "opinion": 0.2, "induced": 0.4}},
         # Responses only: a 270M model trained for minutes on [Analysis] ... [Response] ... leaks the analysis into
         # its answers and loops (85-97% of eval answers off format); trained on responses it keeps the format
         # (benchmarks/README.md, recipe).
@@ -518,9 +521,12 @@ def _merge_layers(data: dict[str, Any], preset: str | None, overrides: list[str]
     return merged
 
 
+_WHOLE_MAPPINGS = {"kinds"}  # a mix given in persona.yaml replaces the preset's, key by key merging would distort it
+
+
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key not in _WHOLE_MAPPINGS:
             base[key] = _deep_merge(base[key], value)
         else:
             base[key] = value
