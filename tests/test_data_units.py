@@ -10,8 +10,9 @@ from conftest import write_project
 from persllm import text as T
 from persllm.config import load_project
 from persllm.construct import facts as F
-from persllm.construct.dedup import near_duplicates
-from persllm.construct.plan import choose_seeds, make_plan, split_seeds, weighted_sequence
+from persllm.construct.dedup import distinct_questions, near_duplicates
+from persllm.construct.plan import Slot, choose_seeds, make_plan, split_seeds, weighted_sequence
+from persllm.construct.records import Question
 from persllm.ingest import ingest
 from persllm.types import Passage
 
@@ -59,6 +60,22 @@ def test_near_duplicates_cluster_and_keep_first() -> None:
     assert keep == [0, 1, 4]
     assert dropped == {2: 0, 3: 0, 5: 1}
     assert near_duplicates([], 0.7) == ([], {})
+
+
+def test_distinct_questions_compare_within_a_stage_and_rules_by_their_text() -> None:
+    seed = Passage(id="p", persona="Ada", stage="early", kind="knowledge", text="x", source="s", line=1)
+
+    def ask(stage: str, text: str, origin: str) -> tuple[Slot, Question]:
+        return Slot(f"{stage}-{text}", stage, seed, "ordinary", "", "train"), Question(text, origin)
+
+    asked = [ask("early", "What happened to you in 1835?", "template"),
+             ask("early", "What happened to you in 1843?", "template"),  # another year: another question
+             ask("early", "What happened to you in 1835?", "template"),  # the same question again
+             ask("late", "What happened to you in 1835?", "template"),  # at another stage: another answer
+             ask("early", "What happened to you in 1835 ?", "teacher"),  # a model's near-copy
+             ask("late", "Why did you study the loom?", "teacher")]
+    keep, dropped = distinct_questions(asked, threshold=0.7)
+    assert keep == [0, 1, 3, 5] and dropped == {2: 0, 4: 0}
 
 
 def test_weighted_sequence_is_proportional_and_interleaved() -> None:

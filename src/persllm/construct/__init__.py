@@ -17,7 +17,7 @@ from typing import Any
 from persllm.backends.base import Backend
 from persllm.config import Project
 from persllm.construct import facts as F
-from persllm.construct.dedup import near_duplicates
+from persllm.construct.dedup import distinct_questions
 from persllm.construct.full import FullMethod
 from persllm.construct.grounded import GroundedMethod
 from persllm.construct.jobs import Failed, Runner
@@ -71,10 +71,10 @@ def construct(project: Project, passages: Sequence[Passage], teacher: Backend,
               else GroundedMethod(project, prompts, runner, ref, retrievers, held_out))
     progress.note(f"construct mode: {mode} (teacher {teacher.name})")
 
-    # 1. Questions of three kinds for every seed slot; near-duplicates dropped across stages.
+    # 1. Questions of three kinds for every seed slot; duplicates dropped within each stage.
     questions = method.questions(slots)
     asked = [(s, q) for s in slots if isinstance(q := questions[s.id], Question)]
-    keep, dropped = near_duplicates([q.text for _, q in asked], cfg.dedup_threshold)
+    keep, dropped = distinct_questions(asked, cfg.dedup_threshold)
     asked = [asked[i] for i in keep]
 
     # 2. Golden answers, each from its own stage's retrieved material (temporal conditioning); training items never

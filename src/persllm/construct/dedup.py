@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from persllm import text as T
+from persllm.construct.plan import Slot
+from persllm.construct.records import Question
 
 _PRIME = np.uint64((1 << 61) - 1)
 _MAX = np.uint64((1 << 32) - 1)
@@ -85,4 +87,29 @@ def near_duplicates(texts: Sequence[str], threshold: float = 0.8, num_perm: int 
             keep.append(i)
         else:
             dropped[i] = root
+    return keep, dropped
+
+
+def distinct_questions(asked: Sequence[tuple[Slot, Question]], threshold: float) -> tuple[list[int], dict[int, int]]:
+    """Indices of the questions to keep and a map dropped -> kept, stage by stage.
+
+    A model-written question is dropped when it is a near-duplicate (MinHash) of an earlier one of its stage; a
+    rule-built one only when its text is identical, since "What happened to you in 1835?" and "... in 1843?" share
+    most shingles but ask different things. The same question at another stage stays: its answer differs by stage.
+    """
+    dropped: dict[int, int] = {}
+    by_stage: dict[str, list[int]] = {}
+    for i, (slot, _) in enumerate(asked):
+        by_stage.setdefault(slot.stage, []).append(i)
+    for members in by_stage.values():
+        _, near = near_duplicates([asked[i][1].text for i in members], threshold)
+        first: dict[str, int] = {}
+        for position, i in enumerate(members):
+            question = asked[i][1]
+            same = first.setdefault(T.normalize(question.text), i)
+            if same != i:
+                dropped[i] = same
+            elif question.origin != "template" and position in near:
+                dropped[i] = members[near[position]]
+    keep = [i for i in range(len(asked)) if i not in dropped]
     return keep, dropped

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +85,7 @@ class GroundedMethod:
         self.view_uses: dict[str, int] = {}
         self.rewrites: dict[str, Fact | None] = {}
         self.budget = Q.SentenceBudget()  # shared by every personified and general response
+        self.wording_uses: Counter[tuple[str, str]] = Counter()
 
     # -- questions ------------------------------------------------------------------------------------------
     def questions(self, slots: Sequence[Slot]) -> dict[str, Question | Failed]:
@@ -674,8 +676,15 @@ class GroundedMethod:
 
     # -- helpers --------------------------------------------------------------------------------------------
     def _fill_choice(self, key: str, rng: random.Random, /, **values: Any) -> str:
+        """One of the wordings at `key`, filled: a random one of the least used so far, so that six identity
+        attacks over six slots are six different questions (and answers), not repeats the dedup then drops."""
         options = self.prompts.get(key)
-        return fill(rng.choice(options) if isinstance(options, list) else options, **values).strip()
+        if not isinstance(options, list):
+            return fill(options, **values).strip()
+        fewest = min(self.wording_uses[(key, o)] for o in options)
+        choice = rng.choice([o for o in options if self.wording_uses[(key, o)] == fewest])
+        self.wording_uses[(key, choice)] += 1
+        return fill(choice, **values).strip()
 
     def _short_params(self, salt: str) -> GenParams:
         seed = int(stable_id(self.project.seed, salt, length=8), 16) % 1_000_000
