@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -374,7 +375,14 @@ class Project:
     judge: ModelSpec | None = None
     """LLM that scores answers in evaluation (defaults to the teacher)."""
     output_dir: str = "out"
-    """Where stage outputs go, relative to persona.yaml."""
+    """Where stage outputs go, relative to persona.yaml (inside the project unless allow_outside_paths; --output
+    on the command line may point anywhere)."""
+    allow_outside_paths: bool = False
+    """Let material files and output_dir lie outside the project directory, through ../ or absolute paths or
+    symlinks; off by default, so a project copied from someone else reads and writes only inside its own folder."""
+    on_changed_output: Literal["stop", "rerun"] = "stop"
+    """What to do when a finished stage's data file no longer has the sha256 its manifest recorded (an edit, a
+    truncated copy, a bad disk): stop with a message naming the file (nothing is overwritten), or rerun the stage."""
     seed: int = 42
     """Seed for sampling, splitting and training."""
     preset: str = "default"
@@ -410,8 +418,32 @@ class Project:
         raise ConfigError(f"unknown stage {stage_id!r}; stages of {self.name}: {', '.join(s.id for s in self.stages)}")
 
     def material_path(self, relative: str) -> Path:
-        """Absolute path of a material file named in persona.yaml."""
+        """Absolute path of a file or directory named in persona.yaml (symlinks resolved; not checked)."""
         return (self.root / relative).resolve()
+
+    def material_file(self, relative: str) -> Path:
+        """Absolute path of a stage's material file; a ConfigError when it leaves the project (see `contained`)."""
+        problem = contained(self.root, relative, self.allow_outside_paths)
+        if problem:
+            raise ConfigError(f"material {problem}", source=str(self.root / PROJECT_FILE))
+        return self.material_path(relative)
+
+
+def contained(root: Path, relative: str, allow_outside: bool) -> str | None:
+    """Why `relative` (a path in persona.yaml) may not be used, or None: it must stay inside the project directory
+    `root`, written with ../ or an absolute path or reached through a symlink, unless the user allowed it."""
+    if allow_outside:
+        return None
+    root = root.resolve()
+    written = Path(os.path.normpath(root / relative))  # ../ collapsed as written; symlinks below
+    fix = (f"move it into {root} (or point to a copy there), or set `allow_outside_paths: true` in {PROJECT_FILE} "
+           "if you mean it")
+    if not written.is_relative_to(root):
+        return f"{relative!r} is outside the project directory ({written}); {fix}"
+    target = written.resolve()
+    if not target.is_relative_to(root):
+        return f"{relative!r} is a symlink to {target}, outside the project directory; {fix}"
+    return None
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -474,6 +506,8 @@ def load_project(path: str | Path, overrides: list[str] | None = None, preset: s
     if project is not None:
         project.root = file.parent.resolve()
         errors.extend(_check_project(project))
+        from_command_line = any(item.partition("=")[0].strip() == "output_dir" for item in overrides or [])
+        errors.extend(_check_output(project, from_command_line))
     if errors or project is None:
         raise ConfigError(errors or ["invalid project"], source=str(file))
     return project
@@ -716,6 +750,21 @@ def _check_project(project: Project) -> list[str]:
     return errors
 
 
+def _check_output(project: Project, from_command_line: bool) -> list[str]:
+    """output_dir must be a folder (or creatable as one), and inside the project unless allowed; one given on the
+    command line (--output, --set output_dir=) is the user's explicit choice and may lie anywhere."""
+    output = project.output
+    if output.exists() and not output.is_dir():
+        return [(f"output_dir: {output} is a file, not a folder; remove or rename the file, or choose another "
+                 "output_dir (or --output)")]
+    parent = next((p for p in output.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return [(f"output_dir: {output} cannot be created because {parent} is a file; choose another output_dir "
+                 "(or --output)")]
+    problem = None if from_command_line else contained(project.root, project.output_dir, project.allow_outside_paths)
+    return [f"output_dir: {problem} (or pass --output)"] if problem else []
+
+
 def _check_general(project: Project) -> list[str]:
     general = project.general
     if general.source and project.construct.general_data:
@@ -736,6 +785,9 @@ def _check_general(project: Project) -> list[str]:
 def _check_material(project: Project, relative: str, where: str) -> list[str]:
     if not relative:
         return [f"{where}: no file given"]
+    problem = contained(project.root, relative, project.allow_outside_paths)
+    if problem:
+        return [f"{where}: {problem}"]
     path = project.material_path(relative)
     if not path.exists():
         close = _close_file(path)

@@ -52,3 +52,7 @@ def require(module: str, extra: str, purpose: str) -> None:
         raise DependencyError(
             f"{purpose} needs the Python package '{module}', which is not installed: pip install 'persllm[{extra}]'"
         ) from exc
+
+
+class ProjectLockedError(PersllmError):
+    """Another process is writing to the project's output folder; the message names it."""

@@ -44,13 +44,13 @@ def material_digest(project: Project) -> dict[str, str]:
     for stage in project.stages:
         for kind in ("knowledge", "style"):
             relative = getattr(stage, kind)
-            digests[f"{stage.id}/{kind}"] = hashlib.sha256(project.material_path(relative).read_bytes()).hexdigest()
+            digests[f"{stage.id}/{kind}"] = hashlib.sha256(project.material_file(relative).read_bytes()).hexdigest()
     return digests
 
 
 def _read_material(project: Project, stage: str, kind: MaterialKind, relative: str, cfg: IngestConfig,
                    skipped: Counter[str]) -> Iterator[Passage]:
-    path = project.material_path(relative)
+    path = project.material_file(relative)  # re-checked: a symlink may have changed since the project was loaded
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:

@@ -18,7 +18,7 @@ from filelock import FileLock
 
 from persllm import template
 from persllm.errors import DependencyError, PersllmError
-from persllm.workspace import atomic_dir
+from persllm.workspace import apply_umask, atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ def write_gguf_with_template(source: Path, target: Path, chat_template: str) -> 
         writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
         details = {gguf.Keys.Tokenizer.CHAT_TEMPLATE: MetadataDetails(gguf.GGUFValueType.STRING, chat_template)}
         copy_with_new_metadata(reader, writer, details, [])
+        apply_umask(Path(tmp))  # mkstemp made it 0600
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

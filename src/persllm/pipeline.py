@@ -1,8 +1,11 @@
 """Stages over a project's output folder: ingest -> construct -> sft -> dpo -> eval.
 
 Each stage computes a fingerprint of everything its result depends on (its settings, the prompts or code version,
-and digests of the upstream outputs). A stage whose manifest carries the same fingerprint is skipped; deleting a
-stage's folder or changing a setting re-runs that stage, and downstream stages re-run only if its outputs changed.
+and digests of the upstream data files). A stage whose manifest carries the same fingerprint, and whose data files
+still have the sha256 the manifest recorded, is skipped; deleting a stage's folder or changing a setting re-runs that
+stage, and downstream stages re-run only if its data files changed. A data file changed after its stage finished
+stops the run with a message naming it (or, with `on_changed_output: rerun`, redoes the stage). One process at a time
+writes to an output folder (`Workspace.lock`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 from persllm import __version__
 from persllm.config import Project, resolved_dict
-from persllm.errors import ConfigError
+from persllm.errors import ConfigError, DataError
 from persllm.progress import NULL, Progress
 from persllm.train import dist
 from persllm.types import Negative, Passage, PreferencePair, Sample, from_record, to_record
@@ -47,16 +50,18 @@ def run(project: Project, stages: Sequence[str] = STAGES, force: Collection[str]
     if unknown:
         raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
     ws = workspace(project)
-    if not dist.is_main_process():  # `accelerate launch`: every rank runs this; rank 0 writes and reports
+    if not dist.is_main_process():  # `accelerate launch`: every rank runs this; rank 0 writes, locks and reports
         dist.quiet_other_ranks(progress)
-        progress = NULL
-    else:
+        return _run_stages(project, stages, force, NULL, ws)
+    with ws.lock():  # a second command on this output fails here, before it writes anything
         write_yaml(ws.root / "config.resolved.yaml", resolved_dict(project) | {"persllm_version": __version__})
-    outcomes = []
-    for stage in STAGES:
-        if stage in stages:
-            outcomes.append(run_stage(project, stage, ws, force=stage in force, progress=progress))
-    return outcomes
+        return _run_stages(project, stages, force, progress, ws)
+
+
+def _run_stages(project: Project, stages: Sequence[str], force: Collection[str], progress: Progress,
+                ws: Workspace) -> list[StageOutcome]:
+    return [run_stage(project, stage, ws, force=stage in force, progress=progress) for stage in STAGES
+            if stage in stages]
 
 
 def run_stage(project: Project, stage: str, ws: Workspace, force: bool = False,
@@ -76,10 +81,18 @@ def _run_stage(project: Project, stage: str, ws: Workspace, force: bool, progres
     upstream = ws.upstream_digests(stage, upstream_of(project, stage))
     settings = spec.config(project)  # once: hashing material or loading peers is not free
     fp = fingerprint(stage, spec.version, settings, upstream)
-    if not force and ws.is_current(stage, fp):
-        progress.note(f"{stage}: up to date, skipped")
-        manifest_stats = _read_stats(ws.stage_dir(stage))
-        return StageOutcome(stage, skipped=True, stats=manifest_stats)
+    manifest = ws.manifest(stage)
+    if not force and manifest is not None and manifest.fingerprint == fp:
+        changed = ws.changed(manifest)
+        if not changed:
+            progress.note(f"{stage}: up to date, skipped")
+            return StageOutcome(stage, skipped=True, stats=_read_stats(ws.stage_dir(stage)))
+        what = ws.describe_changes(manifest, changed)
+        if project.on_changed_output == "stop":
+            raise DataError(f"{what}. Nothing was overwritten. To redo {stage}, replacing the changed file, run "
+                            f"again with --set on_changed_output=rerun (or delete {ws.stage_dir(stage)}); otherwise "
+                            "restore the file")
+        progress.note(f"{stage}: {what}; redoing {stage} (on_changed_output: rerun)")
     if collective:
         dist.barrier()  # every rank has decided to run before rank 0 invalidates the manifest
     if dist.is_main_process():

@@ -29,6 +29,7 @@ from typing import Any
 
 from persllm import template
 from persllm.errors import PersllmError
+from persllm.workspace import apply_umask
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,10 @@ def export_ggufs(merged_dir: Path, outputs: Mapping[str, Path], *, name: str | N
                 if outtype in outputs:
                     with _temp_beside(outputs[outtype], ".partial") as quantized:
                         quantize(tmp, quantized, outtype)
+                        apply_umask(quantized)  # mkstemp made it 0600
                         os.replace(quantized, outputs[outtype])
             if dense in outputs:
+                apply_umask(tmp)
                 os.replace(tmp, outputs[dense])
     return outputs
 
