@@ -23,9 +23,10 @@ BENCHMARKS = {
     "ipip": "benchmarks.ipip",
     "serve": "benchmarks.serve",
     "load": "benchmarks.serve:run_load",
+    "disconnects": "benchmarks.serve_load",
     "recipe": "benchmarks.recipe",
 }
-ON_DEMAND = ("recipe",)  # hours of training: run only when named
+ON_DEMAND = ("recipe", "disconnects")  # hours of training; a pass/fail check of the server: run only when named
 
 
 def main() -> None:

@@ -11,6 +11,12 @@ Concurrency: at most `max_concurrency` generations run at once, `max_queue` more
 503 with Retry-After. In-process models (transformers, llama.cpp) additionally run one request at a time, since their
 weights and tokenizer are shared. Backends are loaded on first use and the `max_loaded` most recently used stay
 loaded; stages and personas that share weights share one loaded backend.
+
+Bounded work per request: stop strings are few and short and matched on the visible answer (never inside the hidden
+analysis, and never by the backend); a local model's prompt is counted in its tokens against its context (capped by
+`max_context`), and what does not fit is OpenAI's 400 context_length_exceeded; a client that disconnects, or a
+request that times out, stops its model within a token or two, and keeps its slot (and /health's `running`) until the
+model has stopped. Unsupported OpenAI fields (tools, logprobs, response formats, n > 1) get a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ import hmac
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,12 +134,20 @@ class Loaded:
         self.key = key
         self.backend = backend
         self.users = 0
+        self._hf, self._llama = isinstance(backend, HFBackend), isinstance(backend, LlamaCpp)
         # Local weights serve one request at a time anyway, and a transformers tokenizer is not safe to use from
         # several threads at once; HTTP and scripted backends take concurrent requests.
-        self.serial = threading.Lock() if isinstance(backend, HFBackend | LlamaCpp) else None
+        self.serial = threading.Lock() if self._hf or self._llama else None
         self._count: Callable[[str], int] = lambda text: len(text.split())
-        if isinstance(backend, HFBackend):
-            self._count = _token_counter(backend.tokenizer)
+        if self._hf:
+            self._count = _token_counter(backend.tokenizer)  # type: ignore[attr-defined]
+        elif self._llama:
+            self._count = backend.count_tokens  # type: ignore[attr-defined]
+
+    @property
+    def local(self) -> bool:
+        """True for in-process weights (transformers, llama.cpp): their context is known and checked here."""
+        return self.serial is not None
 
     @contextlib.contextmanager
     def turn(self) -> Iterator[None]:
@@ -149,11 +164,27 @@ class Loaded:
 
     def prompt_tokens(self, messages: Sequence[Message]) -> int:
         """Tokens of the rendered prompt."""
-        from persllm.backends.hf import HFBackend
-
-        if isinstance(self.backend, HFBackend):
-            return self.count(self.backend.render(messages))
+        if self._hf:
+            return self.count(self.backend.render(messages))  # type: ignore[attr-defined]
+        if self._llama:
+            return int(self.backend.prompt_tokens(list(messages)))  # type: ignore[attr-defined]
         return sum(self.count(m.content) for m in messages)
+
+    def context(self, cap: int) -> int | None:
+        """Prompt plus answer tokens a request may use: the model's own context, at most `cap`; None for endpoints
+        (they check their own context, in their own tokens)."""
+        if not self.local:
+            return None
+        own = getattr(self.backend, "context_length", None)
+        return min(own, cap) if isinstance(own, int) and own > 0 else cap
+
+    def stream(self, messages: Sequence[Message], params: GenParams, cancel: threading.Event) -> Iterator[str]:
+        """The backend's stream of pieces. Closing it stops any backend; local models also check `cancel` after
+        every token, because they may hold text back (a word, incomplete UTF-8) and a closed stream is only noticed
+        at the next piece."""
+        if self.local:
+            return self.backend.stream(list(messages), params, cancel=cancel)  # type: ignore[call-arg]
+        return self.backend.stream(list(messages), params)
 
 
 def _token_counter(tokenizer: Any) -> Callable[[str], int]:
@@ -361,6 +392,30 @@ class StopCutter:
         return out
 
 
+class Visible:
+    """What the client sees of the model's output: the answer without its analysis (unless shown), cut at the first
+    client stop string found in that answer, so a stop such as "\n" never matches inside the hidden analysis."""
+
+    def __init__(self, stops: Sequence[str], show_analysis: bool) -> None:
+        from persllm.chat import AnswerFilter
+
+        self._answer, self._cutter = AnswerFilter(show_analysis), StopCutter(stops)
+
+    @property
+    def stopped(self) -> bool:
+        """True once a stop string was found in the visible answer."""
+        return self._cutter.stopped
+
+    def feed(self, piece: str) -> str:
+        """Visible text that is safe to send now."""
+        return self._cutter.feed(self._answer.feed(piece))
+
+    def finish(self) -> str:
+        """The held-back rest once the output has ended."""
+        tail = self._cutter.feed(self._answer.finish())
+        return tail + self._cutter.finish()
+
+
 # -- keys, sockets and the server ---------------------------------------------------------------------------------
 def load_api_keys(path: Path | None = None, environ: dict[str, str] | None = None) -> tuple[str, ...]:
     """Keys from a file (one per line, # comments) and from $PERSLLM_API_KEYS (comma-separated)."""
@@ -439,6 +494,18 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterato
 
 
 # -- the app --------------------------------------------------------------------------------------------------------
+MAX_STOPS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 128  # per stop string: matched on the text, so the cost is bounded by this, not by the vocabulary
+MAX_DEPTH = 32  # nesting of a request body (a chat request needs 5); deeper JSON is refused before it is walked
+# Fields of OpenAI's API that persllm does not implement -> the values that mean "not used" (sent by some clients).
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "response_format": ({"type": "text"},), "logprobs": (False,), "top_logprobs": (0,), "audio": (),
+    "modalities": (["text"],), "prediction": (),
+}
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 @dataclass(frozen=True)
 class Limits:
     """Admission and size limits of the server."""
@@ -449,6 +516,7 @@ class Limits:
     max_body: int = 1 << 20  # bytes of a request body
     max_tokens: int = 2048  # largest max_tokens a request may ask for
     default_max_tokens: int = 512
+    max_context: int = 8192  # prompt plus answer tokens on a local model, at most its own (memory grows with it)
 
 
 @dataclass(frozen=True)
@@ -463,6 +531,7 @@ class Call:
     include_usage: bool
     id: str
     created: int
+    max_tokens_set: bool = False  # the client chose max_tokens (else the default, shortened to fit the context)
 
 
 class ApiError(Exception):
@@ -487,6 +556,7 @@ def create_app(projects: Sequence[Project | Served], api_keys: Sequence[str] = (
     """
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     entries = model_entries(projects)
     pool = ModelPool(opener or variants.open_variant, max_loaded)
@@ -505,10 +575,29 @@ def create_app(projects: Sequence[Project | Served], api_keys: Sequence[str] = (
     async def api_error(_: Any, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return await api_error(request, _http_error(request, exc))
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> JSONResponse:  # a bug: still answered in OpenAI's shape
+        return await api_error(request, ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error"))
+
     _routes(app, entries, keys, limits, pool, gate)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body)
     return app
 
+
+def _http_error(request: Request, exc: Any) -> ApiError:
+    """Starlette's own errors (no such route, wrong method) as OpenAI-shaped ones."""
+    where = f"{request.method} {request.url.path[:200]}"
+    if exc.status_code == 404:
+        return ApiError(404, f"no endpoint {where}; persllm serve offers GET /v1/models, GET /v1/models/ID, "
+                        "POST /v1/chat/completions and GET /health", code="not_found")
+    if exc.status_code == 405:
+        return ApiError(405, f"{where} is not allowed; /v1/chat/completions takes POST, the others GET",
+                        code="method_not_allowed", headers=dict(exc.headers or {}))
+    return ApiError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
 
 def _routes(app: Any, entries: dict[str, ModelEntry], keys: tuple[str, ...], limits: Limits, pool: ModelPool,
@@ -516,6 +605,9 @@ def _routes(app: Any, entries: dict[str, ModelEntry], keys: tuple[str, ...], lim
     from fastapi.responses import StreamingResponse
 
     created = int(time.time())
+    ids_of: dict[str, list[str]] = {}  # backend key -> model ids it answers (/health shows ids, never file paths)
+    for entry in entries.values():
+        ids_of.setdefault(backend_key(entry.project, entry.variant), []).append(entry.id)
 
     def auth(request: Request) -> None:
         if not key_ok(keys, request.headers.get("authorization")):
@@ -523,7 +615,9 @@ def _routes(app: Any, entries: dict[str, ModelEntry], keys: tuple[str, ...], lim
                            f"from the server's key file or ${KEYS_ENV}", code="invalid_api_key")
 
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": len(entries), "loaded": pool.loaded(), "running": gate.running,
+        loaded = [i for key in pool.loaded() for i in ids_of.get(key, [])]
+        # `running` counts generations until the model has stopped, also those whose client already left.
+        return {"status": "ok", "models": len(entries), "loaded": loaded, "running": gate.running,
                 "waiting": gate.waiting, "max_concurrency": gate.slots, "max_queue": gate.queue}
 
     async def list_models(request: Request) -> dict[str, Any]:
@@ -542,10 +636,14 @@ def _routes(app: Any, entries: dict[str, ModelEntry], keys: tuple[str, ...], lim
         except Busy:
             raise ApiError(503, f"the server is busy ({gate.running} running, {gate.waiting} queued); retry shortly",
                            kind="server_error", code="overloaded", headers={"Retry-After": "1"}) from None
-        if call.stream:
-            return StreamingResponse(start_stream(call, pool, gate, limits.timeout), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await complete(call, pool, gate, limits.timeout)
+        job = Job(call, pool, gate, limits)
+        job.watch(request)
+        if not call.stream:
+            return await complete(job)
+        # The status goes out with the first byte, so the stream starts only once the prompt has been checked.
+        await job.wait(asyncio.ensure_future(job.ready()))
+        return StreamingResponse(_events(job), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
@@ -569,9 +667,29 @@ def _entry(entries: dict[str, ModelEntry], model: Any) -> ModelEntry:
 
 async def _json(request: Any) -> Any:
     try:
-        return json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the request body is not valid JSON") from None
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: JSON nested thousands deep
+        raise ApiError(400, "the request body is not valid JSON (or is nested too deeply)") from None
+    check_body(body)
+    return body
+
+
+def check_body(body: Any) -> None:
+    """Refuse JSON nested deeper than MAX_DEPTH and text with lone surrogates (JSON escapes allow them, but neither
+    UTF-8 nor a tokenizer takes them); walked without recursion."""
+    stack: list[tuple[Any, int, str | None]] = [(body, 0, None)]
+    while stack:
+        value, depth, field = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ApiError(400, f"the request body is nested more than {MAX_DEPTH} levels deep", param=field)
+        if isinstance(value, str) and _SURROGATE.search(value):
+            raise ApiError(400, "the request holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is "
+                           "not valid Unicode; send well-formed UTF-8 text", param=field)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                stack += [(key, depth + 1, field or key), (item, depth + 1, field or key)]
+        elif isinstance(value, list):
+            stack += [(item, depth + 1, field) for item in value]
 
 
 def parse_call(body: Any, entries: dict[str, ModelEntry], limits: Limits) -> Call:
@@ -582,84 +700,256 @@ def parse_call(body: Any, entries: dict[str, ModelEntry], limits: Limits) -> Cal
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
-    if body.get("n", 1) not in (1, None):
-        raise ApiError(400, "only n=1 is supported", param="n")
+    n = body.get("n")
+    if n is not None and (type(n) is not int or n != 1):
+        raise ApiError(400, "n must be 1: persllm serve generates one choice per request; send several requests "
+                       "instead", param="n")
+    for field, unused in UNSUPPORTED.items():
+        if body.get(field) is not None and body[field] not in unused:
+            raise ApiError(400, f"{field} is not supported: persllm serve answers in plain text, without tools, "
+                           f"logprobs, audio or structured output; remove {field} from the request", param=field)
     try:
         prompt = persona_messages(entry, messages)
     except ValueError as exc:
         raise ApiError(400, str(exc), param="messages") from None
-    flags = {k: body.get(k, False) for k in ("stream", "show_analysis")}
+    flags = {k: False if body.get(k) is None else body[k] for k in ("stream", "show_analysis")}
     options = body.get("stream_options") or {}
     if any(not isinstance(v, bool) for v in flags.values()) or not isinstance(options, dict):
         raise ApiError(400, "stream and show_analysis must be true or false; stream_options an object")
+    chosen = any(body.get(k) is not None for k in ("max_tokens", "max_completion_tokens"))
     return Call(entry, tuple(prompt), _params(body, limits), flags["stream"], flags["show_analysis"],
-                options.get("include_usage") is True, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()))
+                options.get("include_usage") is True, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), chosen)
 
 
 def _params(body: dict[str, Any], limits: Limits) -> GenParams:
-    def number(name: str, default: float | None, low: float, high: float) -> float | None:
+    def number(name: str, default: float | None, low: float, high: float, low_open: bool = False) -> float | None:
         value = body.get(name)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-            raise ApiError(400, f"{name} must be a number from {low} to {high}", param=name)
+        if (isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high
+                or (low_open and value == low)):
+            span = f"greater than {low} and at most {high}" if low_open else f"from {low} to {high}"
+            raise ApiError(400, f"{name} must be a number {span}", param=name)
         return float(value)
 
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or limits.default_max_tokens
+    # max_completion_tokens is the newer name; 0 is refused (OpenAI: at least 1), not replaced by the default.
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(name)
+    max_tokens = limits.default_max_tokens if max_tokens is None else max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= limits.max_tokens:
-        raise ApiError(400, f"max_tokens must be an integer from 1 to {limits.max_tokens}", param="max_tokens")
+        raise ApiError(400, f"{name} must be an integer from 1 to {limits.max_tokens}", param=name)
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, "stop must be a string or a list of up to 4 strings", param="stop")
+    if (not isinstance(stop, list) or len(stop) > MAX_STOPS
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):
+        raise ApiError(400, f"stop must be a string or a list of up to {MAX_STOPS} strings of 1 to {MAX_STOP_CHARS} "
+                       "characters", param="stop")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, "seed must be an integer", param="seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63):
+        raise ApiError(400, "seed must be an integer from -2^63 to 2^63-1 (a 64-bit integer)", param="seed")
     ngram = body.get("no_repeat_ngram_size")  # transformers' name; repetition_penalty is vLLM's and llama.cpp's
     if ngram is not None and (isinstance(ngram, bool) or not isinstance(ngram, int) or not 0 <= ngram <= 16):
         raise ApiError(400, "no_repeat_ngram_size must be an integer from 0 (off) to 16", param="no_repeat_ngram_size")
-    return GenParams(temperature=number("temperature", 0.7, 0.0, 2.0) or 0.0,
-                     top_p=number("top_p", 1.0, 0.0, 1.0) or 1.0, max_tokens=max_tokens, stop=tuple(stop), seed=seed,
+    top_p = number("top_p", 1.0, 0.0, 1.0, low_open=True)  # 0 would keep no token; temperature 0 is greedy
+    return GenParams(temperature=number("temperature", 0.7, 0.0, 2.0) or 0.0, top_p=top_p or 1.0,
+                     max_tokens=max_tokens, stop=tuple(stop), seed=seed,
                      repetition_penalty=number("repetition_penalty", None, 1.0, 2.0), no_repeat_ngram=ngram)
 
 
 # -- generation -----------------------------------------------------------------------------------------------------
-async def complete(call: Call, pool: ModelPool, gate: Gate, timeout: float) -> dict[str, Any]:
-    """A whole answer in OpenAI's chat.completion shape (the caller holds a gate slot)."""
-    def work() -> tuple[Completion, int, int]:
-        loaded = pool.acquire(call.entry)
-        try:
-            with loaded.turn():
-                done = loaded.backend.complete(list(call.messages), call.params)
-                return (done, done.prompt_tokens or loaded.prompt_tokens(call.messages),
-                        done.completion_tokens or loaded.count(done.text))
-        finally:
-            pool.release(loaded)
+_READY, _END = object(), object()
 
+
+@dataclass(frozen=True)
+class Outcome:
+    """The accounting of a finished generation."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (the model ended, or a client stop string in the answer) or "length"
+
+
+class Job:
+    """One generation on its own worker thread, which keeps its gate slot until the model has really stopped.
+
+    The worker loads the model and checks the prompt against its context first; `queue` then gets _READY (or _END
+    at once when that failed: `done` holds the error), the visible text piece by piece, and _END. Setting `cancel`
+    (the client left, the time is up) stops the model within a token or two.
+    """
+
+    def __init__(self, call: Call, pool: ModelPool, gate: Gate, limits: Limits) -> None:
+        self.call = call
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.cancel = threading.Event()
+        self.timeout = limits.timeout
+        self.deadline = time.monotonic() + limits.timeout
+        self._loop = asyncio.get_running_loop()
+        self._left = asyncio.Event()
+        self.done: asyncio.Future[Outcome] = _in_thread(gate, lambda: self._work(pool, limits.max_context))
+
+    def left(self) -> float:
+        """Seconds until the deadline."""
+        return max(0.0, self.deadline - time.monotonic())
+
+    def watch(self, request: Request) -> None:
+        """Cancel the job as soon as the client disconnects, for as long as it runs (streams included: also before
+        their first event, where no response code would notice)."""
+        watcher = asyncio.ensure_future(_disconnected(request))
+        watcher.add_done_callback(lambda task: None if task.cancelled() else self._client_left())
+        self.done.add_done_callback(lambda _: watcher.cancel())
+
+    async def wait(self, work: asyncio.Future[Any]) -> Any:
+        """The result of `work`, unless the client leaves or the deadline passes first: then the job is cancelled
+        (its model stops within a token or two) and an error raised."""
+        left = asyncio.ensure_future(self._left.wait())
+        try:
+            await asyncio.wait({work, left}, timeout=self.left(), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            left.cancel()
+        if work.done():
+            try:
+                return work.result()
+            except Exception as exc:  # noqa: BLE001 (every failure becomes an OpenAI-shaped error response)
+                raise _failure(exc) from None
+        self.cancel.set()
+        if isinstance(work, asyncio.Task):
+            work.cancel()  # job.ready(), still waiting; the worker's own future settles when its thread ends
+        if self._left.is_set():
+            raise ApiError(499, "the client disconnected", code="client_disconnected")
+        raise ApiError(504, f"generation took longer than {self.timeout:.0f}s", kind="server_error", code="timeout")
+
+    def _client_left(self) -> None:
+        self.cancel.set()
+        self._left.set()
+
+    async def ready(self) -> None:
+        """Wait until generation starts; raise the worker's error (a prompt too long, a model that fails to load)."""
+        first = await self.queue.get()
+        if first is _END:
+            try:
+                await self.done
+            except Exception as exc:  # noqa: BLE001 (every failure becomes an OpenAI-shaped error response)
+                raise _failure(exc) from None
+            raise ApiError(500, "the generation ended before it started", kind="server_error")
+
+    def _emit(self, item: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the server has shut down
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def _work(self, pool: ModelPool, max_context: int) -> Outcome:
+        try:
+            loaded = pool.acquire(self.call.entry)
+            try:
+                with loaded.turn():
+                    params, prompt_tokens = fit_context(loaded, self.call, max_context)
+                    self._emit(_READY)
+                    return generate(loaded, self.call, params, prompt_tokens, self._emit, self.cancel, self.deadline)
+            finally:
+                pool.release(loaded)
+        finally:
+            self._emit(_END)
+
+
+def fit_context(loaded: Loaded, call: Call, max_context: int) -> tuple[GenParams, int]:
+    """The request's settings with max_tokens shortened to the context left after the prompt, and the prompt's
+    tokens; a prompt, or a max_tokens the client chose, that does not fit is OpenAI's context_length_exceeded."""
+    prompt = loaded.prompt_tokens(call.messages)
+    window = loaded.context(max_context)
+    if window is None:
+        return call.params, prompt
+    room, asked = window - prompt, call.params.max_tokens
+    if room >= 1 and (asked <= room or not call.max_tokens_set):
+        return replace(call.params, max_tokens=min(asked, room)), prompt
+    what = (f"your messages resulted in {prompt} tokens. Please reduce the length of the messages" if room < 1 else
+            f"you requested {prompt + asked} tokens ({prompt} in the messages, {asked} in the completion). Please "
+            "reduce the length of the messages or the completion (max_tokens)")
+    raise ApiError(400, f"This model's maximum context length is {window} tokens. However, {what}.",
+                   code="context_length_exceeded", param="messages")
+
+
+def generate(loaded: Loaded, call: Call, params: GenParams, prompt_tokens: int, emit: Callable[[Any], None],
+             cancel: threading.Event, deadline: float) -> Outcome:
+    """Run the model, handing the visible text to `emit` as it comes, until it ends, a client stop string appears
+    in the visible answer, `cancel` is set, or the deadline passes."""
+    visible = Visible(params.stop, call.show_analysis)
+    plain = replace(params, stop=())  # stops are matched here on the visible answer, not by the backend
+    done: Completion | None = None
+    if call.stream or loaded.local:
+        # Local models stream whole answers too: a stop string in the answer then ends generation at once.
+        raw, done = _pump(loaded.stream(call.messages, plain, cancel), visible, emit, cancel, deadline)
+    else:
+        done = loaded.backend.complete(list(call.messages), plain)
+        raw = done.text
+        if text := visible.feed(raw):
+            emit(text)
+    if tail := visible.finish():
+        emit(tail)
+    if done is not None and done.completion_tokens:
+        completion_tokens = done.completion_tokens
+    else:  # streams yield text, not tokens: re-tokenized (bytes that decode to U+FFFD can grow, hence the cap)
+        completion_tokens = min(loaded.count(raw), params.max_tokens)
+    if visible.stopped:
+        finish = "stop"
+    elif done is not None and done.finish_reason:
+        finish = done.finish_reason
+    else:
+        finish = "stop" if completion_tokens < params.max_tokens else "length"
+    if done is not None and done.prompt_tokens:
+        prompt_tokens = done.prompt_tokens  # the backend's own count (an endpoint's, in its tokens)
+    return Outcome(prompt_tokens, completion_tokens, finish)
+
+
+def _pump(pieces: Iterator[str], visible: Visible, emit: Callable[[Any], None], cancel: threading.Event,
+          deadline: float) -> tuple[str, Completion | None]:
+    """Feed the stream's pieces through `visible` to `emit` until it ends (returning the backend's Completion, if it
+    gives one), the visible answer hits a stop string, the client leaves, or time runs out; the raw text too."""
+    raw: list[str] = []
+    done = None
     try:
-        done, prompt_tokens, completion_tokens = await asyncio.wait_for(_in_thread(gate, work), timeout)
-    except TimeoutError:
-        raise ApiError(504, f"generation took longer than {timeout:.0f}s", kind="server_error",
-                       code="timeout") from None
-    except Exception as exc:  # noqa: BLE001 (every failure becomes an OpenAI-shaped error response)
-        raise _failure(exc) from None
-    raw = _cut(done.text, call.params.stop)
-    text = raw if call.show_analysis else template.visible_answer(raw)
-    message = {"role": "assistant", "content": text, "refusal": None}
+        while not cancel.is_set() and time.monotonic() < deadline:
+            try:
+                piece = next(pieces)
+            except StopIteration as end:
+                done = end.value if isinstance(end.value, Completion) else None
+                break
+            raw.append(piece)
+            if text := visible.feed(piece):
+                emit(text)
+            if visible.stopped:
+                break
+    finally:
+        if isinstance(pieces, Generator):
+            pieces.close()  # a local model stops generating here (and returns only once it has)
+    return "".join(raw), done
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has closed the connection (the body has been read, so nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def complete(job: Job) -> dict[str, Any]:
+    """A whole answer in OpenAI's chat.completion shape (the job holds a gate slot)."""
+    call = job.call
+    outcome: Outcome = await job.wait(job.done)
+    pieces = []
+    while not job.queue.empty():  # everything the worker emitted is queued before its future settles
+        item = job.queue.get_nowait()
+        if item is not _READY and item is not _END:
+            pieces.append(item)
+    text = "".join(pieces)
+    message = {"role": "assistant", "content": text if call.show_analysis else text.strip(), "refusal": None}
     return {"id": call.id, "object": "chat.completion", "created": call.created, "model": call.entry.id,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": done.finish_reason}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
-
-
-def _cut(text: str, stops: Sequence[str]) -> str:
-    for stop in stops:
-        text = text.split(stop)[0]
-    return text
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": outcome.finish_reason}],
+            "usage": {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
+                      "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}}
 
 
 def _failure(exc: BaseException) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
     if isinstance(exc, BackendError):
         return ApiError(502, f"the model failed: {exc}", kind="server_error", code="backend_error")
     if isinstance(exc, PersllmError):
@@ -668,78 +958,27 @@ def _failure(exc: BaseException) -> ApiError:
     return ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error")
 
 
-_END = object()
-
-
-def start_stream(call: Call, pool: ModelPool, gate: Gate, timeout: float) -> AsyncIterator[str]:
-    """Start generating on a worker thread now (the caller holds a slot) and return the SSE events to send."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    cancel = threading.Event()
-    deadline = time.monotonic() + timeout
-
-    def emit(item: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is gone: the server has shut down
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-    def work() -> tuple[int, int]:
-        try:
-            loaded = pool.acquire(call.entry)
-            try:
-                with loaded.turn():
-                    text = _pump(loaded.backend.stream(list(call.messages), call.params), emit, cancel, deadline)
-                    # Streams yield text, not tokens: the count re-tokenizes it (exact for ordinary text; bytes that
-                    # decode to U+FFFD can re-tokenize longer, hence the cap at what could have been generated).
-                    return loaded.prompt_tokens(call.messages), min(loaded.count(text), call.params.max_tokens)
-            finally:
-                pool.release(loaded)
-        finally:
-            emit(_END)
-
-    return _events(call, queue, _in_thread(gate, work), cancel, deadline)
-
-
-def _pump(pieces: Iterator[str], emit: Callable[[Any], None], cancel: threading.Event, deadline: float) -> str:
-    """Hand pieces to the loop until the stream ends, the client leaves, a stop string is hit, or time runs out."""
-    out = []
-    try:
-        for piece in pieces:
-            out.append(piece)
-            emit(piece)
-            if cancel.is_set() or time.monotonic() > deadline:
-                break
-    finally:
-        if isinstance(pieces, Generator):
-            pieces.close()
-    return "".join(out)
-
-
-async def _events(call: Call, queue: asyncio.Queue[Any], future: asyncio.Future[Any], cancel: threading.Event,
-                  deadline: float) -> AsyncIterator[str]:
-    from persllm.chat import AnswerFilter
-
-    cutter, shown = StopCutter(call.params.stop), AnswerFilter(call.show_analysis)
+async def _events(job: Job) -> AsyncIterator[str]:
+    """The SSE events of a started job; leaving early (the client disconnected) cancels it."""
+    call = job.call
     yield _sse(_chunk(call, {"role": "assistant", "content": ""}))
     try:
         ended = False
         while not ended:
-            item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+            item = await asyncio.wait_for(job.queue.get(), job.left())
             if item is _END:
                 break
             # Coalesce what is already queued into one event: when the model outpaces the network or the client,
             # fewer, larger chunks cost far less than one JSON event per token (the text is identical).
-            while not queue.empty():
-                more = queue.get_nowait()
+            while not job.queue.empty():
+                more = job.queue.get_nowait()
                 if more is _END:
                     ended = True
                     break
                 item += more
-            text = shown.feed(cutter.feed(item))
-            if cutter.stopped:
-                cancel.set()  # no need to generate past a stop string
-            if text:
-                yield _sse(_chunk(call, {"content": text}))
-        prompt_tokens, completion_tokens = await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
+            if item:
+                yield _sse(_chunk(call, {"content": item}))
+        outcome: Outcome = await asyncio.wait_for(job.done, job.left())
     except TimeoutError:
         yield _sse(ApiError(504, "generation took too long", kind="server_error", code="timeout").body())
         yield "data: [DONE]\n\n"
@@ -749,15 +988,11 @@ async def _events(call: Call, queue: asyncio.Queue[Any], future: asyncio.Future[
         yield "data: [DONE]\n\n"
         return
     finally:
-        cancel.set()  # also when the client disconnects: the worker stops at its next piece
-    tail = shown.feed(cutter.finish()) + shown.finish()
-    if tail:
-        yield _sse(_chunk(call, {"content": tail}))
-    finish = "stop" if cutter.stopped or completion_tokens < call.params.max_tokens else "length"
-    yield _sse(_chunk(call, {}, finish))
+        job.cancel.set()  # also when the client disconnects (the task is cancelled): the model stops at once
+    yield _sse(_chunk(call, {}, outcome.finish_reason))
     if call.include_usage:
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
+        usage = {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
+                 "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}
         yield _sse(_chunk(call, None, usage=usage))
     yield "data: [DONE]\n\n"
 

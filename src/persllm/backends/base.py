@@ -100,7 +100,8 @@ class Backend(Protocol):
         ...
 
     def stream(self, request: Request, params: GenParams = GenParams()) -> Iterator[str]:
-        """Generate one answer piece by piece."""
+        """Generate one answer piece by piece; closing the iterator stops generation (a generator may return its
+        Completion, for the token counts)."""
         ...
 
     def complete_many(self, batch: Sequence[Request], params: GenParams = GenParams()) -> Iterator[Result]:

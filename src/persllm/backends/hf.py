@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ class HFBackend:
             self.model = load_adapter_stack(self.model, Path(adapter))
         self.model.to(self.device).eval()
         self.stop_ids = stop_token_ids(self.tokenizer)
+        # Prompt plus answer tokens the model was built for (None if the config does not say).
+        self.context_length: int | None = getattr(self.model.config, "max_position_embeddings", None)
         self.parameters = sum(p.numel() for p in self.model.parameters())
         self.repetition = Repetition()  # anti-repetition default for answers; persllm.variants sets it per model size
         self._lock = threading.Lock()
@@ -74,13 +76,17 @@ class HFBackend:
             for offset, result in enumerate(results):
                 yield start + offset, result
 
-    def stream(self, request: Request, params: GenParams = GenParams()) -> Iterator[str]:
-        """Yield decoded text as tokens are generated (generation runs on a worker thread)."""
+    def stream(self, request: Request, params: GenParams = GenParams(),
+               cancel: threading.Event | None = None) -> Generator[str, None, Completion]:
+        """Yield decoded text as tokens are generated (on a worker thread), then return the Completion with its
+        accounting. Closing the generator, or setting `cancel`, stops generation after the next token."""
         from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         inputs = self._encode([self.render(request)])
-        kwargs = self._gen_kwargs(params, inputs["input_ids"].shape[1]) | dict(inputs) | {"streamer": streamer}
+        width = inputs["input_ids"].shape[1]
+        halt = Halt(width, threading.Event(), cancel)
+        kwargs = self._gen_kwargs(params, width, halt) | dict(inputs) | {"streamer": streamer}
         errors: list[BaseException] = []
 
         def run() -> None:
@@ -97,12 +103,23 @@ class HFBackend:
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        for piece in streamer:
-            if piece:
-                yield piece
-        thread.join()
+        pieces = []
+        try:
+            for piece in streamer:
+                if piece:
+                    pieces.append(piece)
+                    yield piece
+        finally:
+            # Also when the consumer leaves early (GeneratorExit here): generation ends after its next token
+            # instead of running to max_tokens, and the caller only returns once the model is free again.
+            halt.stop.set()
+            thread.join()
         if errors:
             raise BackendError(f"{self.name}: generation failed: {errors[0]}")
+        produced, last = halt.produced, halt.last
+        ended = last in self.stop_ids
+        return Completion(text="".join(pieces), prompt_tokens=width, completion_tokens=produced - int(ended),
+                          finish_reason="stop" if ended or produced < params.max_tokens else "length")
 
     def close(self) -> None:
         """Drop the model."""
@@ -113,7 +130,7 @@ class HFBackend:
         # Rendered chat text already starts with BOS, so no second one is added.
         return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
 
-    def _gen_kwargs(self, params: GenParams, prompt_width: int) -> dict[str, Any]:
+    def _gen_kwargs(self, params: GenParams, prompt_width: int, *criteria: Any) -> dict[str, Any]:
         sample = params.temperature > 0
         kwargs: dict[str, Any] = {"max_new_tokens": params.max_tokens, "do_sample": sample,
                                   "eos_token_id": self.stop_ids, "pad_token_id": self.tokenizer.pad_token_id}
@@ -124,8 +141,13 @@ class HFBackend:
             kwargs["logits_processor"] = LogitsProcessorList([hf_processor(repetition, prompt_width)])
         if sample:
             kwargs |= {"temperature": params.temperature, "top_p": params.top_p}
-        if params.stop:
-            kwargs |= {"stop_strings": list(params.stop), "tokenizer": self.tokenizer}
+        # Stop strings are matched on the decoded text (StopText), never with generate(stop_strings=...): its table
+        # grows with vocabulary x stop length and is cached at module level (one 8 KB stop took 17.8 GB at 262k).
+        stopping = [*criteria, *([StopText(self.tokenizer, params.stop, prompt_width)] if params.stop else [])]
+        if stopping:
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList(stopping)
         return kwargs
 
     def _generate(self, batch: Sequence[Request], params: GenParams) -> list[Completion]:
@@ -142,10 +164,14 @@ class HFBackend:
         for row, ids in enumerate(output[:, prompt_len:].tolist()):
             stopped = any(t in self.stop_ids for t in ids)
             ids = ids[: next((i for i, t in enumerate(ids) if t in self.stop_ids), len(ids))]
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            while ids and ids[-1] == self.tokenizer.pad_token_id and len(output) > 1:
+                ids.pop()  # a row that stopped (at a stop string) while others went on is padded to their length
+                stopped = True
+            whole = self.tokenizer.decode(ids, skip_special_tokens=True)
+            text = whole
             for stop in params.stop:
                 text = text.split(stop)[0]
-            finished = stopped or len(ids) < params.max_tokens
+            finished = stopped or text != whole or len(ids) < params.max_tokens
             completions.append(Completion(text=text, finish_reason="stop" if finished else "length",
                                           prompt_tokens=int(inputs["attention_mask"][row].sum()),
                                           completion_tokens=len(ids)))
@@ -338,6 +364,40 @@ class HFBackend:
             return context + [piece], steps
         raise BackendError(f"{self.name}: options {list(options)} are not one or two distinct tokens after "
                            f"{text[-40:]!r}; use single-character options such as 1-5")
+
+
+class Halt:
+    """Stopping criterion: every row stops once one of its events is set (checked after each token); it also notes
+    how many tokens were generated and the last one, which a streamer does not say."""
+
+    def __init__(self, prompt_width: int, stop: threading.Event, cancel: threading.Event | None = None) -> None:
+        self.start, self.stop, self.cancel = prompt_width, stop, cancel
+        self.produced, self.last = 0, -1
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        self.produced, self.last = input_ids.shape[1] - self.start, int(input_ids[0, -1])
+        halted = self.stop.is_set() or (self.cancel is not None and self.cancel.is_set())
+        return torch.full((input_ids.shape[0],), halted, dtype=torch.bool, device=input_ids.device)
+
+
+class StopText:
+    """Stopping criterion on the text side: a row stops once its new text contains a stop string. Each step decodes
+    only the last few tokens of each row (enough to spell the longest stop: a token is at least one byte), so the
+    cost grows with the stop's length, not with the vocabulary."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_width: int) -> None:
+        self.tokenizer, self.stops, self.start = tokenizer, [s for s in stops if s], prompt_width
+        self.window = max((len(s.encode("utf-8")) for s in self.stops), default=0) + 2
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        new = input_ids[:, self.start:]
+        tails = self.tokenizer.batch_decode(new[:, -self.window:].tolist(), skip_special_tokens=True)
+        hits = [any(stop in tail for stop in self.stops) for tail in tails]
+        return torch.tensor(hits, dtype=torch.bool, device=input_ids.device)
 
 
 def _common_prefix(rows: Sequence[Sequence[int]]) -> list[int]:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ class LlamaCpp:
         self.model_file = path.name  # llama-cpp-python reports the full path as `model`; the file name is the id
         self.usage = Usage()
         self.n_ctx = n_ctx
+        self.context_length = n_ctx  # prompt plus answer tokens (what serve checks requests against)
         self.repetition = Repetition()  # anti-repetition default for answers; persllm.variants sets it per model size
         self._lock = threading.Lock()
         self.parameters: int | None = None
@@ -101,14 +102,41 @@ class LlamaCpp:
         self.usage.add(completion, time.monotonic() - started)
         return completion
 
-    def stream(self, request: Request, params: GenParams = GenParams()) -> Iterator[str]:
-        """Yield text pieces as llama.cpp produces them."""
+    def stream(self, request: Request, params: GenParams = GenParams(),
+               cancel: threading.Event | None = None) -> Generator[str, None, Completion]:
+        """Yield text pieces as llama.cpp produces them, then return the Completion's accounting. Closing the
+        generator stops llama.cpp at once; setting `cancel` ends the answer at the next token (llama-cpp-python
+        holds text back, e.g. incomplete UTF-8, so the consumer may not get a piece to close it at)."""
+        finish, chunks, pieces = "stop", None, []
         with self._lock:
-            for chunk in self._call(request, params, stream=True):
-                choice = chunk["choices"][0]
-                piece = choice.get("text") if isinstance(request, str) else (choice.get("delta") or {}).get("content")
-                if piece:
-                    yield piece
+            try:
+                chunks = self._call(request, params, stream=True, cancel=cancel)
+                for chunk in chunks:
+                    choice = chunk["choices"][0]
+                    finish = choice.get("finish_reason") or finish
+                    delta = choice.get("delta") or {}
+                    piece = choice.get("text") if isinstance(request, str) else delta.get("content")
+                    if piece:
+                        pieces.append(piece)
+                        yield piece
+            except ValueError as exc:  # llama-cpp raises ValueError for prompts longer than the context
+                raise BackendError(f"{self.name}: {exc}") from exc
+            finally:
+                if isinstance(chunks, Generator):
+                    chunks.close()  # llama.cpp's own generator: no token is decoded after the consumer left
+        return Completion(text="".join(pieces), finish_reason=finish, model=self.model_file)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` in the model's vocabulary."""
+        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def prompt_tokens(self, request: Request) -> int:
+        """Tokens of the prompt, rendered with persllm's chat template (the one persllm's GGUFs embed; another
+        GGUF's own template may differ by a few tokens, and llama.cpp still refuses a prompt beyond n_ctx)."""
+        from persllm import template
+
+        text = request if isinstance(request, str) else template.render(request, add_generation_prompt=True)
+        return self.count_tokens(text)
 
     def complete_many(self, batch: Sequence[Request], params: GenParams = GenParams()) -> Iterator[Result]:
         """One request after another: llama.cpp in-process serves a single sequence."""
@@ -121,17 +149,32 @@ class LlamaCpp:
             llm.close()
             self._llm = None
 
-    def _call(self, request: Request, params: GenParams, stream: bool) -> Any:
+    def _call(self, request: Request, params: GenParams, stream: bool, cancel: threading.Event | None = None) -> Any:
         kwargs: dict[str, Any] = dict(max_tokens=params.max_tokens, temperature=params.temperature,
                                       top_p=params.top_p, stop=list(params.stop), stream=stream,
                                       seed=params.seed if params.seed is not None else -1,
                                       repeat_penalty=1.0)  # llama.cpp's own (prompt-counting) penalty is off
         repetition = request_repetition(self, params)
-        if repetition.active:
+        processors = [llamacpp_processor(repetition)] if repetition.active else []
+        if cancel is not None:
+            processors.append(_end_when(cancel, self._llm.token_eos()))
+        if processors:
             from llama_cpp import LogitsProcessorList
 
-            kwargs["logits_processor"] = LogitsProcessorList([llamacpp_processor(repetition)])
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         if isinstance(request, str):
             return self._llm.create_completion(request, **kwargs)
         messages = [{"role": m.role, "content": m.content} for m in request]
         return self._llm.create_chat_completion(messages=messages, **kwargs)
+
+
+def _end_when(cancel: threading.Event, eos: int) -> Any:
+    """A logits processor that leaves the end-of-sequence token as the only choice once `cancel` is set (the one way
+    into create_chat_completion's loop: it takes no stopping criteria)."""
+    def process(input_ids: Any, scores: Any) -> Any:
+        if cancel.is_set():
+            scores[:] = -float("inf")
+            scores[eos] = 0.0
+        return scores
+
+    return process

@@ -66,16 +66,21 @@ def _shared(func: Callable[..., Any]) -> Callable[..., Any]:
               help="Requests waiting for a slot; more get HTTP 503.")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds per request once started.")
 @click.option("--max-loaded", type=int, default=2, show_default=True, help="Models kept in memory (LRU).")
+@click.option("--max-context", type=click.IntRange(min=16), default=8192, show_default=True,
+              help="Prompt plus answer tokens per request on a local model (at most its own context); longer "
+                   "prompts get HTTP 400 context_length_exceeded.")
 @_shared
 def serve(projects: Sequence[str], host: str, port: int, keys_file: Path | None, max_concurrency: int,
-          max_queue: int, timeout: float, max_loaded: int, preset: str | None, overrides: Sequence[str]) -> None:
+          max_queue: int, timeout: float, max_loaded: int, max_context: int, preset: str | None,
+          overrides: Sequence[str]) -> None:
     """Serve personas through an OpenAI-compatible API (/v1/models, /v1/chat/completions)."""
     from persllm import serve as server
 
     targets = _targets(projects, preset, overrides)
     keys = server.load_api_keys(keys_file)
     sock = server.bind_socket(host, port)  # a port in use fails here, before anything heavy happens
-    limits = server.Limits(max_concurrency=max_concurrency, max_queue=max_queue, timeout=timeout)
+    limits = server.Limits(max_concurrency=max_concurrency, max_queue=max_queue, timeout=timeout,
+                           max_context=max_context)
     app = server.create_app([server.Served(p, s, v) for p, s, v in targets], api_keys=keys, limits=limits,
                             max_loaded=max_loaded)
     rows = [[escape(e.id), escape(e.project.name), e.stage, e.variant] for e in app.state.entries.values()]
