@@ -68,7 +68,8 @@ CANDIDATES = (
     Candidate("beta-0.3", "demo", ("dpo.beta=0.3",), "DPO beta 0.3"),
     Candidate("neg-no-other-stage", "demo", ("dpo.negative_types=[other_persona,non_personified,induced]",),
               "DPO without other-stage negatives"),
-    Candidate("cpu", "cpu", (), "the cpu preset (more data, more steps: about an hour)", compare_with="demo"),
+    Candidate("cpu", "cpu", (), "the cpu preset (twice the data, same epochs, more DPO and probes: about an hour)",
+              compare_with="demo"),
 )
 
 
