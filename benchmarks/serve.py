@@ -43,12 +43,13 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _server(tiny: Path, out: Path, max_concurrency: int = 4) -> Iterator[str]:
+def serve_process(tiny: Path, out: Path, *options: str) -> Iterator[tuple[str, int]]:
+    """`persllm serve` on the tiny model in a subprocess with these CLI options: (its URL, its PID) once healthy."""
     port = _free_port()
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")  # same threads as the direct path
     proc = subprocess.Popen([sys.executable, "-m", "persllm", "serve", str(PROJECT), "--set", f"base_model=hf:{tiny}",
-                             "--set", f"output_dir={out}", "--port", str(port), "--max-concurrency", str(max_concurrency),
-                             "--max-queue", "64"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--set", f"output_dir={out}", "--port", str(port), *options],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -60,10 +61,16 @@ def _server(tiny: Path, out: Path, max_concurrency: int = 4) -> Iterator[str]:
                 time.sleep(0.2)
         else:
             raise RuntimeError("persllm serve did not start")
-        yield url + "/v1"
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def _server(tiny: Path, out: Path, max_concurrency: int = 4) -> Iterator[str]:
+    with serve_process(tiny, out, "--max-concurrency", str(max_concurrency), "--max-queue", "64") as (url, _):
+        yield url + "/v1"
 
 
 def _questions(n: int) -> list[str]:
@@ -72,12 +79,12 @@ def _questions(n: int) -> list[str]:
 
 
 def _stream_direct(tiny: Path, questions: list[str]) -> tuple[float, float, int]:
+    import torch
+
     from persllm import template
     from persllm.backends.base import GenParams
     from persllm.backends.hf import HFBackend
     from persllm.config import load_project
-
-    import torch
 
     torch.set_num_threads(1)  # a tiny model gains nothing from threads; the server process gets 1 thread too
     project = load_project(PROJECT)

@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from benchmarks.serve import PROJECT, _free_port, _tiny_model
+from benchmarks.serve import _tiny_model, serve_process
 
 CLIENTS, LEAVERS = 100, 20
 HONEST_TOKENS = 32
@@ -63,29 +60,8 @@ def _rss_mb(pid: int) -> float:
     return int(line.split()[1]) / 1024
 
 
-@contextlib.contextmanager
-def _server(tiny: Path, out: Path) -> Iterator[tuple[str, int]]:
-    port = _free_port()
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "persllm", "serve", str(PROJECT), "--set", f"base_model=hf:{tiny}",
-                             "--set", f"output_dir={out}", "--port", str(port), "--max-concurrency", "4",
-                             "--max-queue", str(2 * CLIENTS), "--timeout", "120"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("persllm serve did not start")
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+def _server(tiny: Path, out: Path) -> contextlib.AbstractContextManager[tuple[str, int]]:
+    return serve_process(tiny, out, "--max-concurrency", "4", "--max-queue", str(2 * CLIENTS), "--timeout", "120")
 
 
 def _body(question: str, max_tokens: int, endless: bool = False) -> dict:
