@@ -485,12 +485,10 @@ class GroundedMethod:
         values: dict[str, str] = {}
         if premise == "wrong_fact":
             values["false"] = F.convert_person(question.meta["false_sentence"], self.ref, "first")
-        elif premise == "after_time":
+        elif premise in ("after_time", "before_time"):
             values["thing"] = question.meta["thing"]
         elif premise == "never_lived":
             values["event"] = question.meta["event"]
-        elif premise == "before_time":
-            values["thing"] = question.meta["thing"]
         return self._fill_choice(f"grounded.accept.{premise}", rng, **values)
 
     # -- facts and the persona's own words ------------------------------------------------------------------
