@@ -449,8 +449,8 @@ def contained(root: Path, relative: str, allow_outside: bool) -> str | None:
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # Sized so `persllm run examples/ada-lovelace --preset demo` finishes in about 15 minutes on 2 CPU cores
-    # (measured for examples/ada-lovelace: construct 5 min the first time, SFT 60 steps 317 s, DPO 10 steps 46 s
-    # plus the held-out preference check, eval 163 s), plus the one-time model preparation.
+    # (measured on the examples beside other jobs: construct 1-3 min, SFT 60 steps 4-6 min, DPO 10 steps with the
+    # held-out preference check 2 min, eval 2 min), plus the one-time model preparation.
     "demo": {
         # Every passage seeds questions: the grounded construct takes about a minute for the examples, and 60 steps
         # over ~90 varied samples generalise where 60 steps over ~30 were memorised (benchmarks/README.md, recipe).
@@ -468,21 +468,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         # pass (~46 rows x 80 tokens), one IPIP pass per stage and one scoring pass: about 2 minutes for base, sft
         # and dpo together (measured 125 s, ~35 s per model).
         "eval": {"max_probes": 30, "max_new_tokens": 80, "heldout_questions": 2, "think": False,
-                 "ipip_interview_items": 0, "judge_items": 1, "judge_repeats": 1, "judge_retries": 0,
-                 "judge_max_tokens": 24},
-    },
-    # Sized for about an hour on 2 CPU cores (not yet measured end to end, see benchmarks/README.md, recipe). The
-    # recipe sweep found that more epochs over the same samples hurt the 270M model (120 SFT steps: fewer probes
-    # passed, held-out perplexity x45), so the extra hour goes to data, not epochs: four questions per passage (more
-    # wordings of each fact), more general requests, SFT steps for about the demo's 2.5 epochs, 3x the DPO steps and
-    # twice the probes (narrower intervals).
-    "cpu": {
-        "construct": {"questions_per_passage": 4, "max_per_stage": 0, "general_per_stage": 10, "max_tokens": 256,
-                      "kinds": {"ordinary": 0.4, "opinion": 0.2, "induced": 0.4}},
-        "sft": {"max_steps": 120, "batch_size": 4, "max_length": 320, "repeat": 1, "save_steps": 40,
-                "keep_cot": False},
-        "dpo": {"max_steps": 30, "batch_size": 2, "max_length": 320, "pairs_per_sample": 1, "save_steps": 10},
-        "eval": {"max_probes": 60, "max_new_tokens": 96, "heldout_questions": 4, "think": False,
                  "ipip_interview_items": 0, "judge_items": 1, "judge_repeats": 1, "judge_retries": 0,
                  "judge_max_tokens": 24},
     },
@@ -569,6 +554,19 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         else:
             base[key] = value
     return base
+
+
+# Sized for about an hour on 2 CPU cores (not yet measured end to end, see benchmarks/README.md, recipe): the demo's
+# recipe with what differs. The recipe sweep found that more epochs over the same samples hurt the 270M model (120 SFT
+# steps: fewer probes passed, held-out perplexity x45), so the extra hour goes to data, not epochs: four questions per
+# passage (more wordings of each fact), more general requests, SFT steps for about the demo's 2.5 epochs, 3x the DPO
+# steps and twice the probes (narrower intervals).
+PRESETS["cpu"] = _deep_merge(copy.deepcopy(PRESETS["demo"]), {
+    "construct": {"questions_per_passage": 4, "general_per_stage": 10},
+    "sft": {"max_steps": 120, "save_steps": 40},
+    "dpo": {"max_steps": 30, "save_steps": 10},
+    "eval": {"max_probes": 60, "max_new_tokens": 96, "heldout_questions": 4},
+})
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
