@@ -125,6 +125,20 @@ def test_events_long_before_the_persona_are_denied_as_witnessed(example: str) ->
     assert negatives and all(n.response not in {s.response for s in events} for n in negatives)
 
 
+@pytest.mark.parametrize("example", EXAMPLE_NAMES)
+def test_identity_attacks_rotate_through_their_wordings(example: str) -> None:
+    from collections import Counter
+
+    from persllm.construct.plan import make_plan
+    result, passages, _ = built(example)
+    project = load_project(EXAMPLES / example, preset="demo")
+    slots = Counter(s.stage for s in make_plan(project, list(passages)) if s.variant == "identity")
+    samples = [s for s in result.samples if s.meta.get("premise") == "identity"]
+    for stage, n in slots.items():
+        questions = [s.question for s in samples if s.stage == stage]
+        assert len(questions) == len(set(questions)) and len(questions) >= n - 2, (stage, n, questions)
+
+
 def test_identity_answers_without_a_fact_end_as_sentences() -> None:
     for example in EXAMPLE_NAMES:
         result, _, _ = built(example, None)
