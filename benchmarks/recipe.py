@@ -42,7 +42,7 @@ class Candidate:
     preset: str
     overrides: tuple[str, ...]
     what: str
-    reuses: str = ""  # a candidate whose trained models this one shares (it changes evaluation-time settings only)
+    reuses: str = ""  # a candidate whose trained stages this one starts from; the pipeline retrains what differs
     compare_with: str = ""  # a candidate of another preset whose DPO model is evaluated on this one's probes too
 
 
@@ -65,9 +65,11 @@ CANDIDATES = (
     Candidate("length-512", "demo", ("sft.max_length=512", "dpo.max_length=512"), "longer training sequences"),
     Candidate("no-general", "demo", ("sft.general_ratio=0",), "no general conversations in SFT"),
     Candidate("general-50", "demo", ("sft.general_ratio=0.5",), "twice the share of general conversations"),
-    Candidate("beta-0.3", "demo", ("dpo.beta=0.3",), "DPO beta 0.3"),
+    Candidate("beta-0.3", "demo", ("dpo.beta=0.3",), "DPO beta 0.3", reuses="demo"),
+    Candidate("rpo", "demo", ("dpo.sft_weight=1.0",), "DPO plus the chosen answers' LM loss (weight 1)",
+              reuses="demo"),
     Candidate("neg-no-other-stage", "demo", ("dpo.negative_types=[other_persona,non_personified,induced]",),
-              "DPO without other-stage negatives"),
+              "DPO without other-stage negatives", reuses="demo"),
     Candidate("cpu", "cpu", (), "the cpu preset (twice the data, same epochs, more DPO and probes: about an hour)",
               compare_with="demo"),
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -272,6 +273,33 @@ def test_dpo_raises_preference_accuracy_on_its_pairs(sft_run: dict[str, Any], dp
     assert sft["pairs"] == dpo["pairs"] == len(pairs)
     assert dpo["mean_margin"] > sft["mean_margin"]
     assert dpo["accuracy"] >= sft["accuracy"] and dpo["accuracy"] == 1.0
+
+
+def _chosen_logps(base: Path, adapter: Path, pairs: list[PreferencePair]) -> float:
+    """Mean summed log-probability of the chosen answers (with their end marker) under base + adapter stack."""
+    from persllm.backends.hf import HFBackend
+    from persllm.train.sft import end_of_turn
+
+    backend = HFBackend(str(base), adapter=adapter)
+    try:
+        end = end_of_turn(backend.tokenizer)
+        scores = backend.score([(list(p.prompt), p.chosen + end) for p in pairs])
+    finally:
+        backend.close()
+    return sum(total for total, _ in scores) / len(scores)
+
+
+def test_dpo_sft_weight_keeps_the_chosen_answers_likely(sft_run: dict[str, Any], dpo_run: dict[str, Any],
+                                                        tiny_model: Path) -> None:
+    project = copy.deepcopy(sft_run["project"])
+    project.dpo.sft_weight = 1.0
+    pairs = dpo_run["split"]["train"]
+    out = dpo_run["dir"].parent / "dpo-rpo"
+    stats = train_dpo(project, pairs, sft_run["dir"], out)
+    assert stats["steps"] == project.dpo.max_steps
+    plain = _chosen_logps(tiny_model, dpo_run["dir"] / "adapter", pairs)
+    rpo = _chosen_logps(tiny_model, out / "adapter", pairs)
+    assert rpo > plain + 1.0, (rpo, plain)
 
 
 def test_dpo_with_identical_pairs_is_stopped(sft_run: dict[str, Any], tmp_path: Path) -> None:

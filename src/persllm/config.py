@@ -242,6 +242,9 @@ class DPOConfig:
 
     beta: float = 0.1
     """DPO temperature."""
+    sft_weight: float = 0.0
+    """Weight of a language-modelling loss on the chosen answers added to the DPO loss (RPO, Pang et al. 2024);
+    on a few hundred pairs it keeps DPO from trading the chosen answers' likelihood for a wider margin."""
     learning_rate: float = 5e-5
     """Peak learning rate (LoRA)."""
     epochs: float = 1.0
@@ -748,6 +751,8 @@ def _check_project(project: Project) -> list[str]:
         for value in getattr(getattr(project, section), attr):
             if value not in ("other_stage", "other_persona", "non_personified", "induced"):
                 errors.append(f"{key}: unknown negative type {value!r}")
+    if project.dpo.sft_weight < 0:
+        errors.append(f"dpo.sft_weight: must be 0 (plain DPO) or more, got {project.dpo.sft_weight}")
     errors.extend(_check_general(project))
     return errors
 

@@ -80,7 +80,7 @@ def train_dpo(project: Project, pairs: Sequence[PreferencePair], sft_dir: Path, 
             **common_args(project, ckpt_dir, learning_rate=dpo.learning_rate, epochs=dpo.epochs,
                           max_steps=dpo.max_steps, batch_size=dpo.batch_size, grad_accum=dpo.grad_accum,
                           save_steps=dpo.save_steps, warmup=DPO_WARMUP, weight_decay=0.0),
-            beta=dpo.beta, max_length=dpo.max_length)
+            beta=dpo.beta, max_length=dpo.max_length, **loss_args(dpo.sft_weight))
         tracker = progress_callback(progress, "DPO")
         trainer = lean_save(length_grouped(DPOTrainer))(
             model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(records),
@@ -108,6 +108,13 @@ def train_dpo(project: Project, pairs: Sequence[PreferencePair], sft_dir: Path, 
         "method": method, "pairs": len(records), "dropped_too_long": too_long, "sanity": sanity,
         "reward_margin": last.get("rewards/margins"), "reward_accuracy": last.get("rewards/accuracies"),
         "output": str(target), "trainable_parameters": trainable_parameters(trainer.model)}
+
+
+def loss_args(sft_weight: float) -> dict[str, Any]:
+    """TRL's loss settings: plain sigmoid DPO, or DPO plus the chosen answers' LM loss (TRL's "sft" loss type)."""
+    if sft_weight <= 0:
+        return {}
+    return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]}
 
 
 @contextlib.contextmanager
