@@ -57,6 +57,22 @@ def test_grounded_construct_covers_every_kind_and_stage() -> None:
     assert {n.type for n in result.negatives} == {"other_stage", "non_personified", "induced"}
 
 
+def test_seeds_that_cannot_carry_their_kind_get_the_other_kind() -> None:
+    from persllm.construct.plan import make_plan
+
+    project = load_project(EXAMPLES / "lu-xun", preset="demo")
+    passages, _ = ingest(project)
+    result = construct(project, passages, FakeBackend(["not usable"]))
+    planned = {f"{project.slug}/{s.id}": s for s in make_plan(project, passages)}
+    split_of_seed = {s.seed.id: s.split for s in planned.values()}
+    extra = [s for s in result.samples if s.kind != "general" and s.id not in planned]
+    assert extra and len(extra) == result.stats["second_choices"]["kept"]
+    for sample in extra:  # ordinary <-> opinion on the same seed, in that seed's split
+        assert sample.kind in ("ordinary", "opinion")
+        assert sample.split == split_of_seed[sample.seed_id]
+    assert result.stats["second_choices"]["tried"] >= len(extra)
+
+
 def test_induced_samples_correct_the_premise() -> None:
     project = load_project(EXAMPLES / "ada-lovelace", preset="demo")
     passages, _ = ingest(project)

@@ -367,7 +367,7 @@ def stages_for(project: Project, stage: str) -> list[str]:
 
 STAGE_SPECS: dict[str, StageSpec] = {
     "ingest": StageSpec("1", _ingest_config, _run_ingest),
-    "construct": StageSpec("1", _construct_config, _run_construct),
+    "construct": StageSpec("2", _construct_config, _run_construct),  # 2: second-choice kinds for misfit seeds
     "sft": StageSpec("2", _sft_config, _run_sft),  # 2: turn-marker rows trained, smoke budget from the data
     "dpo": StageSpec("1", _dpo_config, _run_dpo),
     "eval": StageSpec("1", _eval_config, _run_eval),

@@ -21,7 +21,7 @@ from persllm.construct.dedup import distinct_questions
 from persllm.construct.full import FullMethod
 from persllm.construct.grounded import GroundedMethod
 from persllm.construct.jobs import Failed, Runner
-from persllm.construct.plan import Slot, make_plan
+from persllm.construct.plan import SEED_MISFITS, Slot, make_plan, second_choices
 from persllm.construct.quality import audit
 from persllm.construct.records import Answer, Draft, GeneralItem, Question
 from persllm.construct.retrieval import Context, Retriever
@@ -71,19 +71,29 @@ def construct(project: Project, passages: Sequence[Passage], teacher: Backend,
               else GroundedMethod(project, prompts, runner, ref, retrievers, held_out))
     progress.note(f"construct mode: {mode} (teacher {teacher.name})")
 
-    # 1. Questions of three kinds for every seed slot; duplicates dropped within each stage.
-    questions = method.questions(slots)
-    asked = [(s, q) for s in slots if isinstance(q := questions[s.id], Question)]
-    keep, dropped = distinct_questions(asked, cfg.dedup_threshold)
-    asked = [asked[i] for i in keep]
+    def ask_and_answer(todo: Sequence[Slot], before: Sequence[tuple[Slot, Question]]) -> Round:
+        # 1. Questions for the slots; duplicates (of each other and of the questions kept `before`) dropped within
+        #    each stage.
+        questions = method.questions(todo)
+        asked = [*before, *((s, q) for s in todo if isinstance(q := questions[s.id], Question))]
+        keep, dropped = distinct_questions(asked, cfg.dedup_threshold)
+        asked = [asked[i] for i in keep if i >= len(before)]
+        # 2. Golden answers, each from its own stage's retrieved material (temporal conditioning); training items
+        #    never see a held-out seed, so held-out probes and perplexity measure generalisation, not recall.
+        drafts = [Draft(s, q, retrievers[s.stage].context(s.seed, q.text, cfg.knowledge_budget, cfg.style_budget,
+                                                          held_out if s.split == "train" else frozenset()))
+                  for s, q in asked]
+        return Round(questions, dropped, drafts, method.answers(drafts))
 
-    # 2. Golden answers, each from its own stage's retrieved material (temporal conditioning); training items never
-    #    see a held-out seed, so held-out probes and perplexity measure generalisation, not recall.
-    drafts = [Draft(s, q, retrievers[s.stage].context(s.seed, q.text, cfg.knowledge_budget, cfg.style_budget,
-                                                      held_out if s.split == "train" else frozenset()))
-              for s, q in asked]
-    answers = method.answers(drafts)
-    answered = [d for d in drafts if isinstance(answers[d.slot.id], Answer)]
+    first = ask_and_answer(slots, [])
+    # A seed that cannot carry an ordinary or opinion question gets one of the other kind, keeping the kind mix.
+    misfits = [s for s in slots if _reason(first.questions[s.id]) in SEED_MISFITS
+               or _reason(first.answers.get(s.id)) in SEED_MISFITS]
+    retries = second_choices(project, misfits)
+    second = ask_and_answer(list(retries.values()), [(d.slot, d.question) for d in first.drafts])
+    answers = first.answers | second.answers
+    replaced = {sid for sid, slot in retries.items() if isinstance(answers.get(slot.id), Answer)}
+    answered = [d for d in [*first.drafts, *second.drafts] if isinstance(answers[d.slot.id], Answer)]
     samples = [_sample(project, d, answers[d.slot.id], mode, prompts.version) for d in answered]
 
     # 3. Stylised general data (the method's mode 3).
@@ -100,11 +110,32 @@ def construct(project: Project, passages: Sequence[Passage], teacher: Backend,
                           meta={"origin": a.origin, **({"stage": other[sid][0]} if neg_type == "other_stage" else {})})
                  for (sid, neg_type), a in sorted(rejected.items()) if isinstance(a, Answer)]
 
-    stats = _stats(project, mode, slots, questions, dropped, answers, general, samples, negatives, runner, teacher)
+    # Failures of a slot whose second choice became a sample are not losses: the counts leave them out.
+    questions = {k: v for k, v in (first.questions | second.questions).items() if k not in replaced}
+    answers = {k: v for k, v in answers.items() if k not in replaced}
+    duplicates = len(first.dropped) + len(second.dropped)
+    stats = _stats(project, mode, slots, questions, duplicates, answers, general, samples, negatives, runner,
+                   teacher)
+    stats["second_choices"] = {"tried": len(retries), "kept": len(replaced)}
     stats["audit"] = audit(samples, passages, held_out, project.language, ref.aliases)
     _require_samples(project, samples, stats)
     stats["seconds"] = round(time.monotonic() - started, 1)
     return ConstructResult(samples, negatives, stats)
+
+
+@dataclass(frozen=True)
+class Round:
+    """One pass of questions and answers over a list of slots."""
+
+    questions: dict[str, Question | Failed]
+    dropped: dict[int, int]  # near-duplicate questions (indices into that round's asked list)
+    drafts: list[Draft]
+    answers: dict[str, Answer | Failed]
+
+
+def _reason(result: object) -> str:
+    """The reason of a Failed result, "" for anything else."""
+    return result.reason if isinstance(result, Failed) else ""
 
 
 def _require_samples(project: Project, samples: Sequence[Sample], stats: dict[str, Any]) -> None:
@@ -183,7 +214,7 @@ def _other_stage_contexts(project: Project, drafts: Sequence[Draft], retrievers:
     return out
 
 
-def _stats(project: Project, mode: str, slots: Sequence[Slot], questions: dict[str, Any], dropped: dict[int, int],
+def _stats(project: Project, mode: str, slots: Sequence[Slot], questions: dict[str, Any], duplicates: int,
            answers: dict[str, Any], general: dict[str, Any], samples: Sequence[Sample], negatives: Sequence[Negative],
            runner: Runner, teacher: Backend) -> dict[str, Any]:
     personified = [s for s in samples if s.kind != "general"]
@@ -196,11 +227,12 @@ def _stats(project: Project, mode: str, slots: Sequence[Slot], questions: dict[s
         "teacher": teacher.name,
         "slots": len(slots),
         "questions_failed": sum(1 for q in questions.values() if not isinstance(q, Question)),
-        "near_duplicates_removed": len(dropped),
+        "near_duplicates_removed": duplicates,
         "answers_failed": sum(1 for a in answers.values() if not isinstance(a, Answer)),
-        # Slots (and general items) that got no sample, by the reason the last attempt gave.
+        # Slots (and general items) that got no sample, by reason: a slot tried again as the other kind counts once
+        # per try, one whose second choice became a sample not at all.
         "dropped": dict(Counter(r.reason for r in [*questions.values(), *answers.values(), *general.values()]
-                                if isinstance(r, Failed)) + Counter({"near_duplicate": len(dropped)})),
+                                if isinstance(r, Failed)) + Counter({"near_duplicate": duplicates})),
         "samples": len(samples),
         "by_kind": dict(Counter(s.kind for s in samples)),
         "by_stage": dict(Counter(s.stage for s in samples)),
