@@ -66,7 +66,7 @@ CANDIDATES = (
     Candidate("no-general", "demo", ("sft.general_ratio=0",), "no general conversations in SFT"),
     Candidate("general-50", "demo", ("sft.general_ratio=0.5",), "twice the share of general conversations"),
     Candidate("beta-0.3", "demo", ("dpo.beta=0.3",), "DPO beta 0.3", reuses="demo"),
-    Candidate("rpo", "demo", ("dpo.sft_weight=1.0",), "DPO plus the chosen answers' LM loss (weight 1)",
+    Candidate("plain-dpo", "demo", ("dpo.sft_weight=0",), "plain sigmoid DPO, without the chosen answers' LM loss",
               reuses="demo"),
     Candidate("neg-no-other-stage", "demo", ("dpo.negative_types=[other_persona,non_personified,induced]",),
               "DPO without other-stage negatives", reuses="demo"),

@@ -466,7 +466,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         # (benchmarks/README.md, recipe).
         "sft": {"max_steps": 60, "batch_size": 4, "max_length": 320, "repeat": 1, "save_steps": 30,
                 "keep_cot": False},
-        "dpo": {"max_steps": 10, "batch_size": 2, "max_length": 320, "pairs_per_sample": 1, "save_steps": 5},
+        # DPO plus the chosen answers' LM loss: plain DPO lowered Ada's SFT model (9 -> 3 of 30 probes), with the LM
+        # term it kept more of it on both examples (benchmarks/README.md, recipe, candidate rpo).
+        "dpo": {"max_steps": 10, "batch_size": 2, "max_length": 320, "pairs_per_sample": 1, "save_steps": 5,
+                "sft_weight": 1.0},
         # eval: 30 probes, the fewest that show a large paired difference (docs/probes.md); per model one decoding
         # pass (~46 rows x 80 tokens), one IPIP pass per stage and one scoring pass: about 2 minutes for base, sft
         # and dpo together (measured 125 s, ~35 s per model).
