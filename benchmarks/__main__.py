@@ -25,8 +25,11 @@ BENCHMARKS = {
     "load": "benchmarks.serve:run_load",
     "disconnects": "benchmarks.serve_load",
     "recipe": "benchmarks.recipe",
+    "exports": "benchmarks.exports",
 }
-ON_DEMAND = ("recipe", "disconnects")  # hours of training; a pass/fail check of the server: run only when named
+# hours of training; pass/fail checks of the server and of the exports (the latter needs the tools' venvs): run only
+# when named
+ON_DEMAND = ("recipe", "disconnects", "exports")
 
 
 def main() -> None:

@@ -58,9 +58,14 @@ def corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer():  # type: ignore[no-untyped-def]
-    """A ByteLevel BPE tokenizer (vocab ~512) wrapped as a transformers fast tokenizer with persllm's template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(bos_on_encode: bool = False,  # type: ignore[no-untyped-def]
+                    markers: tuple[str, str] = ("<start_of_turn>", "<end_of_turn>")):
+    """A ByteLevel BPE tokenizer (vocab ~512) wrapped as a transformers fast tokenizer with persllm's template.
+
+    `bos_on_encode` makes plain encoding start with <bos>, as Gemma's tokenizer does (tools that derive the template's
+    prefix from `encode("")`, such as LLaMA-Factory, rely on it); `markers` are the turn markers it knows (ChatML's
+    for a tokenizer that is not Gemma-like)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from persllm.models import prepare_tokenizer
@@ -68,17 +73,22 @@ def build_tokenizer():  # type: ignore[no-untyped-def]
     raw = Tokenizer(models.BPE(unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS,
+    specials = [*SPECIAL_TOKENS[:4], *markers]
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     raw.train_from_iterator(corpus(), trainer=trainer)
+    if bos_on_encode:
+        bos = raw.token_to_id("<bos>")
+        raw.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                           special_tokens=[("<bos>", bos)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>",
                                         pad_token="<pad>", unk_token="<unk>",
-                                        extra_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+                                        extra_special_tokens=list(markers))
     prepare_tokenizer(tokenizer)
     return tokenizer
 
 
-def build_tiny_model(path: Path) -> Path:
+def build_tiny_model(path: Path, bos_on_encode: bool = False) -> Path:
     """Save a tiny random Gemma3ForCausalLM and its tokenizer to `path` (a couple of seconds) and return `path`."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
@@ -86,7 +96,7 @@ def build_tiny_model(path: Path) -> Path:
     from persllm.models import stop_token_ids
 
     path = Path(path)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(bos_on_encode)
     config = Gemma3TextConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=64,

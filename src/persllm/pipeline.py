@@ -293,12 +293,10 @@ def _peer_digests(project: Project) -> dict[str, str]:
 
 def _run_dpo(project: Project, ws: Workspace, progress: Progress) -> dict[str, Any]:
     from persllm.backends import base_model_path
-    from persllm.train import build_pairs, pairs_by_split, preference_accuracy, train_dpo
+    from persllm.train import pairs_by_split, preference_accuracy, train_dpo
 
     samples = load_samples(ws)
-    peer_spaces = [Workspace(peer.output) for peer in _peer_projects(project)]
-    peer_samples = [s for peer_ws in peer_spaces if peer_ws.manifest("construct") for s in load_samples(peer_ws)]
-    pairs, pair_stats = build_pairs(project, samples, load_negatives(ws), peer_samples)
+    pairs, pair_stats = build_dpo_pairs(project, ws, samples)
     split = pairs_by_split(pairs, samples)
     out = ws.stage_dir("dpo")
     if dist.is_main_process():
@@ -315,6 +313,17 @@ def _run_dpo(project: Project, ws: Workspace, progress: Progress) -> dict[str, A
                 task.advance()
         stats["preference_accuracy"] = accuracy
     return stats | {"pair_stats": pair_stats}
+
+
+def build_dpo_pairs(project: Project, ws: Workspace,
+                    samples: Sequence[Sample] | None = None) -> tuple[list[PreferencePair], dict[str, Any]]:
+    """The DPO pairs (train and test) the dpo stage trains on, built from the constructed data and the peers'."""
+    from persllm.train import build_pairs
+
+    samples = load_samples(ws) if samples is None else samples
+    peer_spaces = [Workspace(peer.output) for peer in _peer_projects(project)]
+    peer_samples = [s for peer_ws in peer_spaces if peer_ws.manifest("construct") for s in load_samples(peer_ws)]
+    return build_pairs(project, samples, load_negatives(ws), peer_samples)
 
 
 def load_pairs(ws: Workspace, split: str | None = None) -> list[PreferencePair]:

@@ -4,7 +4,7 @@
     persllm run DIR [--preset demo]  ingest -> construct -> train (SFT, DPO) -> eval, skipping finished stages
     persllm ingest|construct|train|eval DIR
     persllm chat DIR                 talk to the persona
-    persllm export DIR --format trl|llamafactory|axolotl
+    persllm export DIR --format trl|llamafactory|axolotl|openai
 """
 
 from __future__ import annotations

@@ -206,8 +206,9 @@ def _print_eval(eval_dir: Path) -> None:
 
 @cli.command()
 @project_options
-@click.option("--format", "fmt", type=click.Choice(["trl", "llamafactory", "axolotl", "all"]), default=None,
-              help="Target trainer format for the data (default: all, unless --gguf or --merged is given).")
+@click.option("--format", "fmt", type=click.Choice(["trl", "llamafactory", "axolotl", "openai", "all"]),
+              default=None, help="Target trainer format for the data and configs (default: all, unless --gguf or "
+                                 "--merged is given).")
 @click.option("--to", "dest", type=click.Path(path_type=Path), default=None,
               help="Destination folder (default: <output>/export/<format>; models: <output>/export/gguf and "
                    "<output>/export/merged).")
@@ -220,11 +221,13 @@ def _print_eval(eval_dir: Path) -> None:
               help="Which tuned model --gguf/--merged export (default: dpo if trained, else sft).")
 def export(project: Path, preset: str | None, overrides: Sequence[str], output: Path | None, fmt: str | None,
            dest: Path | None, gguf_types: Sequence[str], merged: bool, variant: str | None) -> None:
-    """Export constructed data (and DPO pairs, once trained) for TRL, LLaMA-Factory or axolotl; with --gguf or
-    --merged, export the tuned model for llama.cpp, Ollama or vLLM."""
+    """Export what `persllm train` trains on (the SFT mix, test set and DPO pairs) with ready-to-run configs for
+    TRL, LLaMA-Factory and axolotl, and as OpenAI fine-tuning files; with --gguf or --merged, export the tuned model
+    for llama.cpp, Ollama or vLLM."""
     from persllm import export as exporter
     from persllm import pipeline
     from persllm.errors import DataError
+    from persllm.general import load_general
 
     proj = load(project, preset, overrides, output)
     ws = pipeline.workspace(proj)
@@ -234,14 +237,21 @@ def export(project: Path, preset: str | None, overrides: Sequence[str], output: 
         if ws.manifest("construct") is None:
             raise DataError(f"nothing to export yet: run `persllm construct {project}` first")
         samples = pipeline.load_samples(ws)
-        pairs = pipeline.load_pairs(ws, "train") if ws.manifest("dpo") else []
+        pairs, _ = pipeline.build_dpo_pairs(proj, ws, samples)  # the pairs the dpo stage would train on
+        general = [list(record.messages) for record in load_general(proj)[0]]
+        with console.status("rendering the training records with the base tokenizer"):
+            bundle = exporter.build_bundle(proj, samples, pairs, general)
         formats = exporter.FORMATS if fmt == "all" else (fmt,)
         for name in formats:
             target = (dest / name if dest and fmt == "all" else dest) or ws.root / "export" / name
-            files = exporter.export(proj, samples, pairs, name, target)
+            files = exporter.write(bundle, name, target)
             console.print(f"[bold]{name}[/bold]: " + ", ".join(escape(str(f)) for f in files))
-        if not pairs:
-            console.print("[dim]DPO pairs are exported once `persllm train` has built them.[/dim]")
+        counts = bundle.counts
+        console.print(f"[dim]{counts['sft_records']} SFT records ({counts['sft_persona']} personified, "
+                      f"{counts['sft_general']} general), {counts['sft_test']} test, {counts['dpo_train']} DPO pairs "
+                      f"({counts['dpo_test']} test)[/dim]")
+        if not bundle.dpo_train:
+            console.print("[dim]No DPO pairs: the constructed data has no negatives of dpo.negative_types.[/dim]")
     if models:
         _export_model(proj, variant, list(dict.fromkeys(gguf_types)), merged, dest or ws.root / "export")
 

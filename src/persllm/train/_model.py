@@ -497,24 +497,38 @@ def load_base(project: Project, quantize: bool = False) -> Loaded:
     set_seed(project.seed)  # resizing samples the new token rows at random
 
     base = base_model_path(project.base_model)
-    below: list[Path] = []
-    tok_source: str | Path = base
-    if project.base_model.adapter:
-        top = Path(project.base_model.adapter).expanduser()
-        if not top.is_absolute():
-            top = (project.root / top).resolve()
-        if not (top / "adapter_config.json").is_file():
-            raise ConfigError(f"base_model.adapter: {top} has no adapter_config.json")
-        below = adapter_stack(top)
-        if (top / "tokenizer_config.json").is_file():
-            tok_source = top
+    top = base_adapter(project)
+    below: list[Path] = adapter_stack(top) if top is not None else []
     if quantize and below:
         raise ConfigError("sft.method=qlora cannot start from base_model.adapter (a 4-bit model cannot be merged "
                           "into); merge the adapter into the base model first or use sft.method=lora")
-    tokenizer, added = load_tokenizer(tok_source, project)
+    tokenizer, added = base_tokenizer(project)
     model = load_model(base, tokenizer, quantize=quantize)
     model = merge_adapters(model, below)
     return Loaded(model=model, tokenizer=tokenizer, base_path=base, below=below, new_token_ids=added)
+
+
+def base_adapter(project: Project) -> Path | None:
+    """The adapter named in base_model.adapter (checked to be one), or None."""
+    if not project.base_model.adapter:
+        return None
+    top = Path(project.base_model.adapter).expanduser()
+    if not top.is_absolute():
+        top = (project.root / top).resolve()
+    if not (top / "adapter_config.json").is_file():
+        raise ConfigError(f"base_model.adapter: {top} has no adapter_config.json")
+    return top
+
+
+def base_tokenizer(project: Project) -> tuple[Any, list[int]]:
+    """The tokenizer SFT trains with (the base's, or base_model.adapter's if it has one), prepared by
+    load_tokenizer; also the ids it gained."""
+    from persllm.backends import base_model_path
+
+    top = base_adapter(project)
+    source = top if top is not None and (top / "tokenizer_config.json").is_file() else base_model_path(
+        project.base_model)
+    return load_tokenizer(source, project)
 
 
 # -- LoRA ------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from persllm import template
@@ -59,22 +60,33 @@ def general_conversation(messages: Sequence[Message]) -> list[Message] | None:
     return [m for m in messages[: last + 1] if m.content.strip() or m.role == "assistant"]
 
 
-def build_sft_records(project: Project, samples: Sequence[Sample], general: Sequence[Sequence[Message]],
-                      general_source: GeneralSource | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Training records `{"messages": [...]}`: train samples x sft.repeat plus general data, shuffled with the seed.
+@dataclass(frozen=True)
+class MixRecord:
+    """One conversation of the SFT mix and where it came from (exports keep the origin; training drops it)."""
+
+    messages: tuple[Message, ...]
+    origin: str  # "persona" (a constructed sample, repeated sft.repeat times) or "general" (a general conversation)
+    kind: str  # the sample's kind (ordinary, opinion, induced, general), or "general" for a general conversation
+    source_id: str  # the sample id, or general-<index> of the general conversation
+
+
+def sft_mix(project: Project, samples: Sequence[Sample], general: Sequence[Sequence[Message]],
+            general_source: GeneralSource | None = None) -> tuple[list[MixRecord], dict[str, Any]]:
+    """The SFT mix: train samples x sft.repeat plus general data, shuffled with the seed; with its counts.
 
     The counts say how many of each went in, the realised general/personified ratio (sft.general_ratio within
     rounding), whether general conversations had to be repeated to reach it, and where they came from."""
     sft = project.sft
     personified = [s for s in samples if s.split == "train" and s.kind in PERSONIFIED_KINDS]
     kinds = Counter(s.kind for s in personified)
-    records = [{"messages": to_chat(sample_messages(project, s))} for s in personified
+    records = [MixRecord(tuple(sample_messages(project, s)), "persona", s.kind, s.id) for s in personified
                for _ in range(max(1, sft.repeat))]
     rng = random.Random(project.seed)
-    conversations = [c for c in (general_conversation(g) for g in general) if c]
+    conversations = [(i, c) for i, c in ((i, general_conversation(g)) for i, g in enumerate(general)) if c]
     wanted = round(sft.general_ratio * len(records)) if conversations else 0
     picked = _sample_indices(len(conversations), wanted, rng)
-    records.extend({"messages": to_chat(conversations[i])} for i in picked)
+    records.extend(MixRecord(tuple(conversations[i][1]), "general", "general", f"general-{conversations[i][0]}")
+                   for i in picked)
     rng.shuffle(records)
     n_personified = len(records) - len(picked)
     counts: dict[str, Any] = {
@@ -89,6 +101,13 @@ def build_sft_records(project: Project, samples: Sequence[Sample], general: Sequ
     if general_source is not None:
         counts["general_source"] = general_source.to_dict()
     return records, counts
+
+
+def build_sft_records(project: Project, samples: Sequence[Sample], general: Sequence[Sequence[Message]],
+                      general_source: GeneralSource | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Training records `{"messages": [...]}` of the SFT mix (see sft_mix), with its counts."""
+    mix, counts = sft_mix(project, samples, general, general_source)
+    return [{"messages": to_chat(r.messages)} for r in mix], counts
 
 
 def _sample_indices(available: int, wanted: int, rng: random.Random) -> list[int]:

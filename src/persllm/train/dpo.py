@@ -21,6 +21,7 @@ from persllm.train.data import pair_record
 from persllm.train.sft import (
     SMOKE_PROMPTS,
     common_args,
+    conversation_tokens,
     finish_run,
     finish_setup,
     lean_save,
@@ -174,17 +175,15 @@ def _requantize(model: Any, tokenizer: Any, scratch: Path) -> Any:
     return prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False)
 
 
+def pair_tokens(tokenizer: Any, record: dict[str, Any]) -> int:
+    """Tokens of a pair's prompt plus its longer answer, rendered with the chat template (compared with max_length)."""
+    return max(conversation_tokens(tokenizer, record["prompt"] + record[side]) for side in ("chosen", "rejected"))
+
+
 def drop_too_long_pairs(records: list[dict[str, Any]], tokenizer: Any,
                         max_length: int) -> tuple[list[dict[str, Any]], int]:
     """Drop pairs whose prompt + longer answer exceeds max_length (truncation would cut the end-of-turn)."""
-    kept = []
-    for record in records:
-        lengths = []
-        for side in ("chosen", "rejected"):
-            rendered = tokenizer.apply_chat_template(record["prompt"] + record[side], tokenize=False)
-            lengths.append(len(tokenizer(rendered, add_special_tokens=False)["input_ids"]))
-        if max(lengths) <= max_length:
-            kept.append(record)
+    kept = [record for record in records if pair_tokens(tokenizer, record) <= max_length]
     if len(kept) < len(records):
         log.warning("dropped %d of %d DPO pairs longer than max_length=%d tokens",
                     len(records) - len(kept), len(records), max_length)

@@ -175,13 +175,15 @@ def end_of_turn(tokenizer: Any) -> str:
     return template.markers_for(tokenizer.get_vocab())[1]
 
 
+def conversation_tokens(tokenizer: Any, messages: Sequence[dict[str, str]]) -> int:
+    """Tokens of a conversation rendered with the tokenizer's chat template (what max_length is compared with)."""
+    rendered = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    return len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
 def drop_too_long(records: list[dict[str, Any]], tokenizer: Any, max_length: int) -> tuple[list[dict[str, Any]], int]:
     """Drop conversations over max_length tokens: TRL would cut their ends, end-of-turn token included."""
-    kept = []
-    for record in records:
-        rendered = tokenizer.apply_chat_template(record["messages"], tokenize=False)
-        if len(tokenizer(rendered, add_special_tokens=False)["input_ids"]) <= max_length:
-            kept.append(record)
+    kept = [record for record in records if conversation_tokens(tokenizer, record["messages"]) <= max_length]
     if len(kept) < len(records):
         log.warning("dropped %d of %d conversations longer than max_length=%d tokens",
                     len(records) - len(kept), len(records), max_length)
