@@ -140,7 +140,7 @@ def prepare(root: Path) -> tuple[Any, list[dict[str, list[int]]], Path]:
     write_project(root / "project")
     project = load_project(root / "project", overrides=[
         "teacher=fake", "construct.mode=grounded", f"base_model=hf:{model}", "sft.temporal_labels=tokens",
-        "sft.max_steps=1", "dpo.max_steps=1"])
+        "sft.max_steps=1", "dpo.max_steps=1", "dpo.sft_weight=1.0"])  # the demo presets' DPO with its LM loss
     run(project, ["ingest", "construct"])
     ws = workspace(project)
     samples = load_samples(ws)

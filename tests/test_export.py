@@ -177,6 +177,21 @@ def test_trl_trains_from_the_export_with_a_stock_tokenizer(bundle, tiny_model: P
     assert DPOConfig(**dpo["dpo_config"]).beta == bundle.project.dpo.beta
 
 
+def test_dpo_configs_carry_the_chosen_answers_lm_loss(bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """dpo.sft_weight reaches every tool as its own setting (TRL/axolotl loss types, LLaMA-Factory pref_ftx)."""
+    from trl import DPOConfig
+
+    bundle.project.dpo.sft_weight = 0.5
+    for fmt in ("trl", "llamafactory", "axolotl"):
+        exporter.write(bundle, fmt, tmp_path / fmt)
+    trl = DPOConfig(**json.loads((tmp_path / "trl" / "trl_dpo.json").read_text())["dpo_config"])
+    assert list(trl.loss_type) == ["sigmoid", "sft"] and list(trl.loss_weights) == [1.0, 0.5]
+    lf = yaml.safe_load((tmp_path / "llamafactory" / "llamafactory_dpo.yaml").read_text())
+    assert lf["pref_ftx"] == 0.5 and lf["pref_loss"] == "sigmoid"
+    ax = yaml.safe_load((tmp_path / "axolotl" / "axolotl_dpo.yaml").read_text())
+    assert ax["dpo_loss_type"] == ["sigmoid", "sft"] and ax["dpo_loss_weights"] == [1.0, 0.5]
+
+
 def test_openai_files_follow_the_fine_tuning_formats(bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     exporter.write(bundle, "openai", tmp_path)
     chat = _jsonl(tmp_path / "openai_sft_train.jsonl")

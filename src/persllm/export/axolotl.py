@@ -107,6 +107,8 @@ def dpo_yaml(bundle: Bundle, out: Path) -> dict[str, Any]:
     config.pop("special_tokens", None)  # the merged SFT model's tokenizer has the stage tokens already
     config |= {"rl": "dpo", "rl_beta": values["dpo"]["beta"], "datasets": [_dpo_dataset(out / "dpo_train.jsonl")],
                "dataset_prepared_path": str(out / "prepared" / "dpo"), "val_set_size": 0}
+    if values["dpo"]["sft_weight"] > 0:  # DPO plus the chosen answers' LM loss, as TRL's loss types (dpo.sft_weight)
+        config |= {"dpo_loss_type": ["sigmoid", "sft"], "dpo_loss_weights": [1.0, values["dpo"]["sft_weight"]]}
     if bundle.dpo_test:
         config |= {"test_datasets": [_dpo_dataset(out / "dpo_test.jsonl")], "eval_strategy": "epoch"}
     return config | _adapter(bundle, trainable_tokens=False) | _train(values["dpo"], values["seed"],

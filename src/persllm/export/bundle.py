@@ -145,7 +145,7 @@ def hyper(project: Project) -> dict[str, Any]:
         "dpo": {"learning_rate": dpo.learning_rate, "epochs": dpo.epochs, "max_steps": dpo.max_steps,
                 "batch_size": dpo.batch_size, "grad_accum": dpo.grad_accum, "warmup_ratio": DPO_WARMUP,
                 "weight_decay": 0.0, "max_length": dpo.max_length, "save_steps": max(1, dpo.save_steps),
-                "beta": dpo.beta, "lr_scheduler_type": "linear"},
+                "beta": dpo.beta, "sft_weight": dpo.sft_weight, "lr_scheduler_type": "linear"},
     }
 
 

@@ -121,7 +121,8 @@ def dpo_yaml(bundle: Bundle, out: Path) -> dict[str, Any]:
         # create_new_adapter merges the SFT adapter first; the reference model is the merged SFT model
         config |= {"adapter_name_or_path": str(sft_out), "create_new_adapter": True}
     config |= {"stage": "dpo", "do_train": True} | _method(bundle) | {
-        "pref_beta": values["dpo"]["beta"], "pref_loss": "sigmoid",
+        # pref_ftx: the chosen answers' LM loss added to DPO (dpo.sft_weight; LLaMA-Factory averages it per answer)
+        "pref_beta": values["dpo"]["beta"], "pref_loss": "sigmoid", "pref_ftx": values["dpo"]["sft_weight"],
         "dataset": f"{bundle.name}_dpo", "dataset_dir": str(out), "cutoff_len": values["dpo"]["max_length"],
         "overwrite_cache": True}
     if bundle.dpo_test:

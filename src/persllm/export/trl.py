@@ -11,6 +11,7 @@ from typing import Any
 
 from persllm.export.bundle import Bundle, chat, hyper, manifest, pair_answer
 from persllm.train.data import MixRecord
+from persllm.train.dpo import loss_args
 from persllm.types import PreferencePair
 from persllm.workspace import write_json, write_jsonl, write_text
 
@@ -64,7 +65,7 @@ def dpo_config(bundle: Bundle, out: Path) -> dict[str, Any]:
             "per_device_train_batch_size": dpo["batch_size"], "gradient_accumulation_steps": dpo["grad_accum"],
             "warmup_steps": dpo["warmup_ratio"], "weight_decay": dpo["weight_decay"],
             "lr_scheduler_type": dpo["lr_scheduler_type"], "beta": dpo["beta"], "max_length": dpo["max_length"],
-            **_common(bundle, dpo["save_steps"])}
+            **loss_args(dpo["sft_weight"]), **_common(bundle, dpo["save_steps"])}
 
 
 def _common(bundle: Bundle, save_steps: int) -> dict[str, Any]:
