@@ -45,12 +45,8 @@ def sft_config(bundle: Bundle, out: Path) -> dict[str, Any]:
     """trl.SFTConfig keyword arguments persllm's SFT uses."""
     values = hyper(bundle.project)
     sft = values["sft"]
-    return {"output_dir": str(out / "runs" / "sft"), "seed": values["seed"], "data_seed": values["seed"],
-            "learning_rate": sft["learning_rate"], "num_train_epochs": sft["epochs"], "max_steps": sft["max_steps"],
-            "per_device_train_batch_size": sft["batch_size"], "gradient_accumulation_steps": sft["grad_accum"],
-            # a float below 1 is a share of the steps (transformers 5 replaced warmup_ratio with it)
-            "warmup_steps": sft["warmup_ratio"], "weight_decay": sft["weight_decay"],
-            "lr_scheduler_type": sft["lr_scheduler_type"], "lr_scheduler_kwargs": sft["lr_scheduler_kwargs"],
+    return {**_schedule(sft, values["seed"], out / "runs" / "sft"),
+            "lr_scheduler_kwargs": sft["lr_scheduler_kwargs"],
             "max_length": sft["max_length"], "assistant_only_loss": True, "eos_token": bundle.end_marker,
             "chat_template_path": str(out / "chat_template.jinja"),
             **_common(bundle, sft["save_steps"])}
@@ -60,12 +56,19 @@ def dpo_config(bundle: Bundle, out: Path) -> dict[str, Any]:
     """trl.DPOConfig keyword arguments persllm's DPO uses."""
     values = hyper(bundle.project)
     dpo = values["dpo"]
-    return {"output_dir": str(out / "runs" / "dpo"), "seed": values["seed"], "data_seed": values["seed"],
-            "learning_rate": dpo["learning_rate"], "num_train_epochs": dpo["epochs"], "max_steps": dpo["max_steps"],
-            "per_device_train_batch_size": dpo["batch_size"], "gradient_accumulation_steps": dpo["grad_accum"],
-            "warmup_steps": dpo["warmup_ratio"], "weight_decay": dpo["weight_decay"],
-            "lr_scheduler_type": dpo["lr_scheduler_type"], "beta": dpo["beta"], "max_length": dpo["max_length"],
-            **loss_args(dpo["sft_weight"]), **_common(bundle, dpo["save_steps"])}
+    return {**_schedule(dpo, values["seed"], out / "runs" / "dpo"), "beta": dpo["beta"],
+            "max_length": dpo["max_length"], **loss_args(dpo["sft_weight"]), **_common(bundle, dpo["save_steps"])}
+
+
+def _schedule(stage: dict[str, Any], seed: int, output_dir: Path) -> dict[str, Any]:
+    """The optimisation settings SFTConfig and DPOConfig share, from one stage's hyper-parameters."""
+    return {"output_dir": str(output_dir), "seed": seed, "data_seed": seed,
+            "learning_rate": stage["learning_rate"], "num_train_epochs": stage["epochs"],
+            "max_steps": stage["max_steps"], "per_device_train_batch_size": stage["batch_size"],
+            "gradient_accumulation_steps": stage["grad_accum"],
+            # a float below 1 is a share of the steps (transformers 5 replaced warmup_ratio with it)
+            "warmup_steps": stage["warmup_ratio"], "weight_decay": stage["weight_decay"],
+            "lr_scheduler_type": stage["lr_scheduler_type"]}
 
 
 def _common(bundle: Bundle, save_steps: int) -> dict[str, Any]:
