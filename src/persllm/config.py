@@ -562,8 +562,8 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-# Sized for about an hour on 2 CPU cores (not yet measured end to end, see benchmarks/README.md, recipe): the demo's
-# recipe with what differs. The recipe sweep found that more epochs over the same samples hurt the 270M model (120 SFT
+# Sized for about an hour on 2 CPU cores (its one end-to-end run, on 鲁迅, did not beat demo: benchmarks/README.md,
+# recipe): the demo's recipe with what differs. The recipe sweep found that more epochs over the same samples hurt the 270M model (120 SFT
 # steps: fewer probes passed, held-out perplexity x45), so the extra hour goes to data, not epochs: four questions per
 # passage (more wordings of each fact), more general requests, SFT steps for about the demo's 2.5 epochs, 3x the DPO
 # steps and twice the probes (narrower intervals).
