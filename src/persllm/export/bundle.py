@@ -16,10 +16,9 @@ from typing import Any
 
 from persllm import template
 from persllm.config import Project
-from persllm.train.data import PERSONIFIED_KINDS, MixRecord, pair_record, sample_messages, sft_mix
+from persllm.train.data import PERSONIFIED_KINDS, MixRecord, pair_record, sample_messages, sft_mix, to_chat
 from persllm.types import Message, PreferencePair, Sample
 
-SFT_SCHEDULER = {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1}}
 _GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
 
 
@@ -72,14 +71,14 @@ def build_bundle(project: Project, samples: Sequence[Sample], pairs: Sequence[Pr
     from persllm.train import _model
     from persllm.train.dpo import pair_tokens
     from persllm.train.pairs import pairs_by_split
-    from persllm.train.sft import conversation_tokens
+    from persllm.train.sft import conversation_tokens, use_bf16
 
     if tokenizer is None:
         tokenizer, added = _model.base_tokenizer(project)
     base = base_model or base_model_path(project.base_model)
     mix, counts = sft_mix(project, samples, general)
     sft_len, dpo_len = project.sft.max_length, project.dpo.max_length
-    train = [r for r in mix if conversation_tokens(tokenizer, chat(r.messages)) <= sft_len]
+    train = [r for r in mix if conversation_tokens(tokenizer, to_chat(r.messages)) <= sft_len]  # as SFT drops them
     test = [MixRecord(tuple(sample_messages(project, s)), "persona", s.kind, s.id) for s in samples
             if s.split == "test" and s.kind in PERSONIFIED_KINDS]
     split = pairs_by_split(pairs, samples)
@@ -94,7 +93,7 @@ def build_bundle(project: Project, samples: Sequence[Sample], pairs: Sequence[Pr
                   dpo_test=tuple(dpo_test), base_model=str(base), markers=template.markers_for(vocab),
                   training_template=training_template(tokenizer), stage_tokens=tuple(_model.time_tokens(project)),
                   trainable_tokens=tuple(tokenizer.convert_ids_to_tokens(ids)), trainable_token_ids=tuple(ids),
-                  tied_embeddings=_tied(base), bf16=_bf16(), bos_in_template_only=_bos_in_template_only(tokenizer),
+                  tied_embeddings=_tied(base), bf16=use_bf16(), bos_in_template_only=_bos_in_template_only(tokenizer),
                   counts=counts)
 
 
@@ -122,7 +121,6 @@ def chat(messages: Sequence[Message]) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content.strip()} for m in messages]
 
 
-
 def pair_answer(pair: PreferencePair, side: str) -> str:
     """The chosen or rejected answer, trimmed."""
     return (pair.chosen if side == "chosen" else pair.rejected).strip()
@@ -132,6 +130,7 @@ def hyper(project: Project) -> dict[str, Any]:
     """Every hyper-parameter persllm trains with, in neutral names (each format maps them to its own)."""
     from persllm.train._model import target_modules
     from persllm.train.dpo import DPO_WARMUP
+    from persllm.train.sft import SFT_SCHEDULER
 
     sft, dpo = project.sft, project.dpo
     lora = {"method": sft.method, "r": sft.lora_r, "alpha": sft.lora_alpha, "dropout": sft.lora_dropout,
@@ -169,13 +168,6 @@ def _tied(base: str) -> bool:
     except (OSError, ValueError):
         return True
     return bool(getattr(config.get_text_config(), "tie_word_embeddings", True))
-
-
-def _bf16() -> bool:
-    from persllm.train import _model
-    from persllm.train.sft import _bf16_supported
-
-    return _model.use_cuda() and _bf16_supported()
 
 
 def _bos_in_template_only(tokenizer: Any) -> bool:

@@ -27,6 +27,9 @@ from persllm.workspace import atomic_dir, atomic_path, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
+# Cosine decay to a 10% floor (the paper's schedule); exports hand the same settings to the other trainers.
+SFT_SCHEDULER = {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1}}
+
 RUN_FILE = "persllm_run.json"  # fingerprint of the run the checkpoints belong to
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _METRIC_KEYS = ("loss", "learning_rate", "grad_norm", "epoch", "mean_token_accuracy", "entropy",
@@ -120,7 +123,7 @@ def prepare_sft(project: Project, samples: Sequence[Sample], general: Sequence[S
                       max_steps=sft.max_steps, batch_size=sft.batch_size, grad_accum=sft.grad_accum,
                       save_steps=sft.save_steps, warmup=sft.warmup_ratio, weight_decay=sft.weight_decay),
         max_length=sft.max_length, assistant_only_loss=True, eos_token=end_of_turn(loaded.tokenizer),
-        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1})  # paper: 10% floor
+        **SFT_SCHEDULER)
     tracker = progress_callback(progress, "SFT")
     # The trainer gets its own tokenizer: it rewrites eos_token, which must not leak into the saved one.
     trainer = lean_save(length_grouped(SFTTrainer))(
@@ -132,19 +135,23 @@ def prepare_sft(project: Project, samples: Sequence[Sample], general: Sequence[S
 
 
 # -- shared by SFT and DPO ---------------------------------------------------------------------------------------
+def use_bf16() -> bool:
+    """Whether persllm trains in bf16: on a CUDA GPU that has it (bf16 is ~10x slower on AVX2 CPUs)."""
+    return _model.use_cuda() and _bf16_supported()
+
+
 def common_args(project: Project, ckpt_dir: Path, *, learning_rate: float, epochs: float, max_steps: int,
                 batch_size: int, grad_accum: int, save_steps: int, warmup: float,
                 weight_decay: float) -> dict[str, Any]:
     """TrainingArguments both trainers share: CPU-safe precision, per-step logs, checkpoints for resuming."""
     cuda = _model.use_cuda()
-    bf16 = cuda and _bf16_supported()
     return {
         "output_dir": str(ckpt_dir), "seed": project.seed, "data_seed": project.seed,
         "learning_rate": learning_rate, "num_train_epochs": epochs, "max_steps": max_steps,
         "per_device_train_batch_size": batch_size, "gradient_accumulation_steps": grad_accum,
         "warmup_steps": warmup, "weight_decay": weight_decay,
         # TRL defaults bf16=True and gradient checkpointing on: bf16 is ~10x slower on AVX2 CPUs, GC only saves RAM.
-        "bf16": bf16, "fp16": False, "use_cpu": not cuda, _checkpointing_arg(): False,
+        "bf16": use_bf16(), "fp16": False, "use_cpu": not cuda, _checkpointing_arg(): False,
         "save_strategy": "steps", "save_steps": max(1, save_steps), "save_total_limit": 2,
         "logging_strategy": "steps", "logging_steps": 1, "report_to": "none", "disable_tqdm": True,
         "dataloader_num_workers": 0, "include_num_input_tokens_seen": "non_padding",
