@@ -8,9 +8,9 @@ sft.max_steps=1 and dpo.max_steps=1 so the exported configs train one step) it c
 
 - labels: every exported SFT record, tokenised by the tool's own code (LLaMA-Factory `get_dataset`, axolotl
   `load_datasets`), has the input ids and labels of persllm's own SFT path (the TRL SFTTrainer persllm builds, with
-  assistant-only masks from the `{% generation %}` template), end-of-turn marker included; LLaMA-Factory's
-  parsed-template assistant slot also labels the newline after each end marker (no setting removes it), so it is
-  compared with that token counted apart;
+  assistant-only masks from the `{% generation %}` template), end-of-turn marker included, compared exactly (an
+  assistant turn ends at its marker with no newline after it, so LLaMA-Factory's parsed assistant slot holds only the
+  labelled text);
 - stage tokens: every <TIME-...> in a record is one token id in the tool's tokenisation;
 - counts: the tool reads as many SFT records as persllm trains on;
 - training: `llamafactory-cli train` (SFT, then DPO from the SFT adapter) and `axolotl train` / `axolotl merge-lora` /
@@ -172,7 +172,7 @@ def check_llamafactory(python: Path, bundle: Any, ours: list[dict[str, list[int]
     """LLaMA-Factory: labels from get_dataset, then `llamafactory-cli train` SFT and DPO."""
     env = _env(python, root)
     labels = _tool_labels(python, LLAMAFACTORY_LABELS, out / "llamafactory_sft.yaml", bundle, env, root)
-    checks = compare("llamafactory", ours, labels, bundle, newline_after_end=True)
+    checks = compare("llamafactory", ours, labels, bundle)
     cli = python.parent / "llamafactory-cli"
     for stage, config in (("SFT", "llamafactory_sft.yaml"), ("DPO", "llamafactory_dpo.yaml")):
         result = _call([str(cli), "train", str(out / config)], env, out)
@@ -185,7 +185,7 @@ def check_axolotl(python: Path, bundle: Any, ours: list[dict[str, list[int]]], o
     """axolotl: labels from load_datasets, then `axolotl train` SFT, `axolotl merge-lora`, `axolotl train` DPO."""
     env = _env(python, root)
     labels = _tool_labels(python, AXOLOTL_LABELS, out / "axolotl_sft.yaml", bundle, env, root)
-    checks = compare("axolotl", ours, labels, bundle, newline_after_end=False)
+    checks = compare("axolotl", ours, labels, bundle)
     cli = str(python.parent / "axolotl")
     sft = _call([cli, "train", str(out / "axolotl_sft.yaml"), "--launcher", "python"], env, out)
     checks.append(_steps("axolotl", "SFT", sft, out / "outputs" / "sft"))
@@ -197,34 +197,28 @@ def check_axolotl(python: Path, bundle: Any, ours: list[dict[str, list[int]]], o
     return checks
 
 
-def compare(tool: str, ours: list[dict[str, list[int]]], theirs: dict[str, Any], bundle: Any,
-            newline_after_end: bool) -> list[dict[str, Any]]:
+def compare(tool: str, ours: list[dict[str, list[int]]], theirs: dict[str, Any], bundle: Any) -> list[dict[str, Any]]:
     """Checks of a tool's SFT rows against persllm's: counts, labels (end marker included), stage tokens."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(bundle.base_model)
     end = tokenizer.convert_tokens_to_ids(bundle.end_marker)
-    newline = tokenizer.encode("\n", add_special_tokens=False)
     rows = theirs["rows"]
     pool: dict[tuple[int, ...], list[dict[str, list[int]]]] = defaultdict(list)
     for row in rows:
         pool[tuple(row["input_ids"])].append(row)
-    matched = equal = extra = ended = 0
+    matched = equal = ended = 0
     for row in ours:
         candidates = pool.get(tuple(row["input_ids"]))
         if not candidates:
             continue
         other = candidates.pop()
         matched += 1
-        labels, dropped = (_without_newline_after(other["labels"], end, newline) if newline_after_end
-                           else (list(other["labels"]), 0))
-        extra += dropped
+        labels = list(other["labels"])
         equal += labels == row["labels"]
         ended += _every_turn_ends(labels, end)
     total = len(ours)
     note = f"{equal}/{total} records equal persllm's labels, {ended}/{total} with every turn ending in {bundle.end_marker}"
-    if newline_after_end:
-        note += f"; plus {extra} newline labels after end markers (LLaMA-Factory's assistant slot)"
     token_ids = theirs["token_ids"]
     whole = _stage_tokens_whole(rows, token_ids, bundle)
     return [
@@ -238,17 +232,6 @@ def compare(tool: str, ours: list[dict[str, list[int]]], theirs: dict[str, Any],
          "value": whole[0], "total": whole[1],
          "note": f"{whole[0]}/{whole[1]} stage tokens are single ids " + json.dumps(token_ids)},
     ]
-
-
-def _without_newline_after(labels: list[int], end: int, newline: list[int]) -> tuple[list[int], int]:
-    """Labels with the newline right after each labelled end marker masked; and how many were masked."""
-    out, dropped, i = list(labels), 0, 0
-    while i < len(out):
-        if out[i] == end and out[i + 1:i + 1 + len(newline)] == newline:
-            out[i + 1:i + 1 + len(newline)] = [IGNORE] * len(newline)
-            dropped += 1
-        i += 1
-    return out, dropped
 
 
 def _every_turn_ends(labels: list[int], end: int) -> bool:

@@ -245,3 +245,23 @@ def test_export_cli_writes_pairs_before_dpo_ran(project_dir: Path, tiny_model: P
     assert _jsonl(out / "trl" / "dpo_train.jsonl") and (out / "axolotl" / "axolotl_dpo.yaml").exists()
     assert _jsonl(out / "openai" / "openai_preference_train.jsonl")
     assert "SFT records" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("markers", [("<start_of_turn>", "<end_of_turn>"), ("<|im_start|>", "<|im_end|>")])
+def test_assistant_slot_is_exactly_what_is_trained(markers: tuple[str, str]) -> None:
+    """LLaMA-Factory labels the whole assistant slot it parses from the template (what a [user, assistant] rendering
+    adds after the [user] generation prompt); it must be the answer and the end marker, nothing more, or the tool
+    trains a token persllm does not (a newline after the marker did)."""
+    from jinja2 import Environment
+
+    from persllm import template
+    from persllm.types import Message
+
+    start, end = markers
+    jinja = Environment().from_string(template.chat_template(start, end, training=False))
+    user = [{"role": "system", "content": "S"}, {"role": "user", "content": "{{content}}"}]
+    turn = [*user, {"role": "assistant", "content": "{{content}}"}]
+    prompt = jinja.render(messages=user, add_generation_prompt=True, bos_token="")
+    full = jinja.render(messages=turn, add_generation_prompt=False, bos_token="")
+    assert full[len(prompt):] == "{{content}}" + end
+    assert full == template.render([Message(**m) for m in turn], start, end)

@@ -392,9 +392,9 @@ def test_dpo_reference_is_the_sft_model(sft_run: dict[str, Any], dpo_run: dict[s
 
     end = template.TURN_MARKERS[0][1]
     reference = dpo_run["stats"]["sanity"]["ref_chosen_logps"]
-    # step 0 scores the pairs in dataset order; TRL's completion is the answer, end-of-turn and newline
+    # step 0 scores the pairs in dataset order; TRL's completion is the answer and its end-of-turn marker
     pairs = dpo_run["split"]["train"][: len(reference)]
-    requests = [(list(p.prompt), p.chosen + end + "\n") for p in pairs]
+    requests = [(list(p.prompt), p.chosen + end) for p in pairs]
     sft = [s for s, _ in HFBackend(str(tiny_model), adapter=sft_run["dir"] / "adapter").score(requests)]
     base = [s for s, _ in HFBackend(str(tiny_model)).score(requests)]
     assert reference == pytest.approx(sft, abs=2e-3)

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "gemma-3-270m-q4_k_m"
 # Bump when the conversion or the template changes, so stale caches are rebuilt instead of reused.
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 
 def persllm_home() -> Path:

@@ -18,21 +18,25 @@ if TYPE_CHECKING:
 
 # Turn markers in order of preference; the first pair the tokenizer already knows is used, else the first is added.
 TURN_MARKERS: tuple[tuple[str, str], ...] = (("<start_of_turn>", "<end_of_turn>"), ("<|im_start|>", "<|im_end|>"))
-VERSION = "3"  # bump when the rendered prompt or answer format changes: training stages depend on it
+VERSION = "4"  # bump when the rendered prompt or answer format changes: training stages depend on it
 ANALYSIS_TAG = "[Analysis]"
 RESPONSE_TAG = "[Response]"
 _ROMAN = ("I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "XII")
 
 
 def chat_template(start: str = TURN_MARKERS[0][0], end: str = TURN_MARKERS[0][1], training: bool = True) -> str:
-    """Jinja chat template; `training` adds TRL's {% generation %} markers (llama.cpp cannot parse those)."""
+    """Jinja chat template; `training` adds TRL's {% generation %} markers (llama.cpp cannot parse those).
+
+    An assistant turn ends at its end marker, with no newline after it (other turns end with "marker\\n"): the
+    assistant's text is then exactly what is trained, so LLaMA-Factory, which labels everything its parsed assistant
+    slot holds, and axolotl, which labels content plus `eot_tokens`, both train the labels persllm trains.
+    """
     open_gen, close_gen = ("{% generation %}", "{% endgeneration %}") if training else ("", "")
     return (
         "{{ bos_token if bos_token else '' }}"
         "{%- for message in messages -%}"
         "{%- if message['role'] == 'assistant' -%}"
         f"{{{{ '{start}assistant\\n' }}}}{open_gen}{{{{ message['content'] | trim }}}}{{{{ '{end}' }}}}{close_gen}"
-        "{{ '\\n' }}"
         "{%- else -%}"
         f"{{{{ '{start}' + message['role'] + '\\n' }}}}{{{{ message['content'] | trim }}}}{{{{ '{end}\\n' }}}}"
         "{%- endif -%}"
@@ -176,7 +180,8 @@ def render(messages: Sequence[Message], start: str = TURN_MARKERS[0][0], end: st
     """Render messages exactly as chat_template() does, without Jinja (for llama.cpp raw prompts and tests)."""
     parts = [bos]
     for message in messages:
-        parts.append(f"{start}{message.role}\n{message.content.strip()}{end}\n")
+        newline = "" if message.role == "assistant" else "\n"
+        parts.append(f"{start}{message.role}\n{message.content.strip()}{end}{newline}")
     if add_generation_prompt:
         parts.append(f"{start}assistant\n")
     return "".join(parts)
