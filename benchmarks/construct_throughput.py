@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 from persllm.backends.cache import CachedBackend
+from persllm.backends.fakeserver import FakeServer
 from persllm.backends.openai_compat import OpenAICompatible
 from persllm.config import load_project
 from persllm.construct import construct
-from persllm.fakeserver import FakeServer
 from persllm.ingest import ingest
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ada-lovelace"

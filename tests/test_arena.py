@@ -27,7 +27,7 @@ from persllm.arena.store import SCHEMA_VERSION, ArenaLimits, Question, RateLimit
 from persllm.backends.fake import FakeBackend
 from persllm.config import Project, load_project
 from persllm.errors import DataError
-from persllm.serve import serve_in_thread
+from persllm.serve.http import serve_in_thread
 from persllm.types import Sample, to_record
 from persllm.workspace import Workspace, write_jsonl
 

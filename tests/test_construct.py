@@ -17,10 +17,10 @@ from conftest import EXAMPLES
 from persllm import template
 from persllm.backends.cache import CachedBackend
 from persllm.backends.fake import FakeBackend
+from persllm.backends.fakeserver import FakeServer
 from persllm.backends.openai_compat import OpenAICompatible
 from persllm.config import load_project
 from persllm.construct import construct
-from persllm.fakeserver import FakeServer
 from persllm.ingest import ingest
 from persllm.pipeline import load_samples, run, workspace
 from persllm.types import Sample

@@ -112,7 +112,7 @@ def test_project_decoding_settings_are_validated(tmp_path: Path) -> None:
 
 
 def test_serve_passes_a_requests_repetition_settings_to_the_backend() -> None:
-    from persllm.serve import Limits, _params
+    from persllm.serve.parse import Limits, _params
 
     limits = Limits()
     plain = _params({"messages": []}, limits)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import KNOWLEDGE, STYLE, write_project
 
-from persllm.fakeserver import FakeServer
+from persllm.backends.fakeserver import FakeServer
 
 THIRD = {
     "knowledge": ["In 1945 Test Person returned to Graz and taught engineering to war widows at a night school.",

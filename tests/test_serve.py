@@ -25,7 +25,11 @@ from persllm.backends.base import Completion, GenParams, Request, Result, Usage,
 from persllm.backends.fake import FakeBackend
 from persllm.backends.hf import HFBackend
 from persllm.config import Project, load_project
-from persllm.serve import Limits, ModelPool, Served, create_app, key_ok, load_api_keys, model_entries, serve_in_thread
+from persllm.serve.app import create_app
+from persllm.serve.http import key_ok, load_api_keys, serve_in_thread
+from persllm.serve.ids import Served, model_entries
+from persllm.serve.parse import Limits
+from persllm.serve.pool import ModelPool
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # module-wide, see conftest
 KEYS = ("key-one", "key-two")
@@ -34,6 +38,8 @@ KEYS = ("key-one", "key-two")
 class Echo:
     """Replies '[Analysis] ... [Response] <question> echoed by <persona>', word by word with a pause, so that
     concurrent streams really interleave on the server; records how many streams ran at once."""
+
+    concurrency, in_process, streaming, scoring = 64, False, True, False  # the Backend capabilities
 
     def __init__(self, delay: float = 0.01) -> None:
         self.name, self.usage, self.delay = "echo", Usage(), delay

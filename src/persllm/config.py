@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from persllm.backends.registry import BACKENDS, backend_kind, spoken
 from persllm.errors import ConfigError
 
 PROJECT_FILE = "persona.yaml"
@@ -27,9 +28,9 @@ TARGET_LABELS = ("high", "low")  # eval.target labels: which side of the scale's
 class ModelSpec:
     """Where an LLM comes from. Written in YAML as a mapping or a short string such as 'openai:gpt-4o-mini'."""
 
-    backend: Literal["default", "openai", "llamacpp", "hf", "fake"] = "default"
-    """default = the embedded Gemma 3 270M; openai = any OpenAI-compatible endpoint; llamacpp = a GGUF file;
-    hf = a transformers model id or directory; fake = scripted replies for tests."""
+    backend: str = "default"
+    """A name in BACKENDS (persllm/backends/registry.py), whose rows say what each is: default = the embedded
+    Gemma 3 270M, openai = any OpenAI-compatible endpoint, hf = a transformers model, and so on."""
     model: str = ""
     """Model name at the endpoint, GGUF path, or transformers id/path."""
     base_url: str = ""
@@ -48,6 +49,7 @@ class ModelSpec:
     """Context window for llama.cpp."""
 
     def __post_init__(self) -> None:
+        backend_kind(self.backend)  # an unknown name: ValueError with the valid forms and the closest name
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
 
@@ -65,8 +67,7 @@ def parse_model_spec(value: str) -> ModelSpec:
     """Parse 'default', 'openai:gpt-4o-mini[@http://host:8000/v1]', 'llamacpp:/m.gguf', 'hf:Qwen/Qwen2.5-0.5B[+ADAPTER]',
     'fake'."""
     backend, _, target = value.partition(":")
-    if backend not in ("default", "openai", "llamacpp", "hf", "fake"):
-        raise ValueError(f"unknown backend {backend!r}; use default, openai:MODEL[@URL], llamacpp:PATH, hf:MODEL or fake")
+    backend_kind(backend)
     # split at the last "@http": served persllm model ids contain "@" themselves (ada-lovelace@mature:dpo)
     cut = max(target.rfind("@http://"), target.rfind("@https://"))
     if backend == "openai" and cut >= 0:
@@ -74,7 +75,7 @@ def parse_model_spec(value: str) -> ModelSpec:
     if backend == "hf" and "+" in target:  # hf:BASE+ADAPTER_DIR, the form ModelSpec.spec prints
         model, _, adapter = target.rpartition("+")
         return ModelSpec(backend="hf", model=model, adapter=adapter)
-    return ModelSpec(backend=backend, model=target)  # type: ignore[arg-type]
+    return ModelSpec(backend=backend, model=target)
 
 
 @dataclass
@@ -747,8 +748,9 @@ def _check_project(project: Project) -> list[str]:
         errors.append("construct.kinds: weights must be non-negative and not all zero")
     if not 0 < project.construct.test_fraction < 1:
         errors.append(f"construct.test_fraction: must be between 0 and 1, got {project.construct.test_fraction}")
-    if project.base_model.backend not in ("default", "hf"):
-        errors.append(f"base_model: a tuned model must be 'default' or 'hf:MODEL', got {project.base_model.spec!r}")
+    if not BACKENDS[project.base_model.backend].tunable:
+        tunable = spoken([repr(k.form) for k in BACKENDS.values() if k.tunable])
+        errors.append(f"base_model: a tuned model must be {tunable}, got {project.base_model.spec!r}")
     for key in ("construct.negatives", "dpo.negative_types"):
         section, attr = key.split(".")
         for value in getattr(getattr(project, section), attr):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from persllm.backends import Backend, base_model_path, open_backend
+from persllm.backends import BACKENDS, Backend, base_model_path, open_backend
 from persllm.config import ModelSpec, Project, parse_model_spec
 from persllm.decoding import Repetition, resolve
 from persllm.errors import ConfigError
@@ -32,7 +32,7 @@ def spec_for(project: Project, variant: str) -> ModelSpec:
             raise ConfigError(f"no {variant.upper()} adapter at {adapter}; run `persllm train {project.root}` first "
                               f"(available now: {', '.join(available(project))})")
         return ModelSpec(backend="hf", model=base_model_path(project.base_model), adapter=str(adapter))
-    if ":" in variant or variant in ("default", "fake"):
+    if ":" in variant or (variant in BACKENDS and BACKENDS[variant].bare):
         try:
             return parse_model_spec(variant)
         except ValueError as exc:
@@ -41,18 +41,30 @@ def spec_for(project: Project, variant: str) -> ModelSpec:
                       "hf:PATH or llamacpp:FILE.gguf")
 
 
+def check_variant(project: Project, variant: str) -> None:
+    """Raise the usual ConfigError for a missing adapter or an unknown model, without loading anything."""
+    if variant in TUNED and variant not in available(project):
+        spec_for(project, variant)  # raises "no DPO adapter at ...; run `persllm train` first"
+    elif variant != "base" and variant not in TUNED:
+        spec_for(project, variant)  # parses endpoint specs; unknown names raise
+
+
+def backend_key(project: Project, variant: str) -> str:
+    """Identity of the weights behind a variant: stages and personas with the same key share one backend."""
+    if variant == "base":
+        return f"base:{project.base_model.spec}"
+    if variant in TUNED:
+        return f"{variant}:{project.base_model.spec}+{adapter_dir(project, variant)}"
+    return f"spec:{variant}"
+
+
 def open_variant(project: Project, variant: str, *, batch_size: int = 8) -> Backend:
     """A backend for a variant (tuned variants load the base model plus their adapter stack), decoding the persona's
     answers as the project says (persllm.decoding); HTTP endpoints are contacted once, so an unreachable server fails
     now."""
-    spec = spec_for(project, variant)
-    backend: Backend
-    if variant in ("base", *TUNED) or spec.backend == "hf":
-        from persllm.backends.hf import HFBackend
-
-        backend = HFBackend(spec.model, adapter=spec.adapter or None, batch_size=batch_size, name=variant)
-    else:
-        backend = open_backend(spec, seed=project.seed, check=True)
+    # base, sft and dpo are transformers specs, so a transformers model is always named after its variant.
+    backend = open_backend(spec_for(project, variant), seed=project.seed, check=True, batch_size=batch_size,
+                           name=variant)
     backend.repetition = project_repetition(project, getattr(backend, "parameters", None))  # type: ignore[attr-defined]
     return backend
 

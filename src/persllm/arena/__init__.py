@@ -5,7 +5,7 @@ confidence intervals.
 
     store = ArenaStore(default_db(project))
     prepare(project, store, ["base", "dpo"], heldout_questions(project, 40))
-    app = create_arena_app(project, store, admin_key=KEY)  # persllm.arena.app; serve with persllm.serve.run_server
+    app = create_arena_app(project, store, admin_key=KEY)  # persllm.arena.app; serve with persllm.serve.http.run_server
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -90,10 +91,20 @@ Result = tuple[int, Completion | BackendError]
 
 @runtime_checkable
 class Backend(Protocol):
-    """Anything that turns chat messages (or a raw prompt) into text."""
+    """Anything that turns chat messages (or a raw prompt) into text; its capabilities are attributes, so callers
+    ask the backend what it can do instead of testing its class."""
 
     name: str
     usage: Usage
+    concurrency: int
+    """Requests it serves at once; callers with many requests of their own run this many threads."""
+    in_process: bool
+    """Weights loaded in this process: it is a LocalBackend (its own tokens and context, a stream that can be
+    cancelled) and serves one request at a time."""
+    streaming: bool
+    """`stream` yields pieces as they are generated (False: the whole answer is made first, then handed out)."""
+    scoring: bool
+    """Log-likelihoods of given continuations (`score`, `option_logprobs`): IPIP by likelihood, held-out perplexity."""
 
     def complete(self, request: Request, params: GenParams = GenParams()) -> Completion:
         """Generate one answer."""
@@ -110,6 +121,27 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release processes, files and sockets."""
+        ...
+
+
+class LocalBackend(Backend, Protocol):
+    """A backend whose weights are in this process (`in_process` is True): what a server needs to bound its work."""
+
+    context_length: int | None
+    """Prompt plus answer tokens the model was built for (None if it does not say)."""
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` in the model's vocabulary."""
+        ...
+
+    def prompt_tokens(self, request: Request) -> int:
+        """Tokens of the prompt as the model sees it."""
+        ...
+
+    def stream(self, request: Request, params: GenParams = GenParams(),
+               cancel: threading.Event | None = None) -> Iterator[str]:
+        """As Backend.stream; setting `cancel` also ends the answer at the next token (a closed stream is only
+        noticed at the next piece, and a local model may hold text back)."""
         ...
 
 

@@ -32,6 +32,10 @@ class CachedBackend:
         self.inner = inner
         self.name = inner.name
         self.usage = inner.usage
+        self.concurrency = inner.concurrency  # complete_many passes misses on, so the inner backend's parallelism holds
+        self.in_process = False  # what a LocalBackend adds (its tokens, cancellable streams) is not passed through
+        self.streaming = inner.streaming
+        self.scoring = False
         self.salt = salt  # distinguishes repeated samples of the same request (e.g. judge repeats)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30)

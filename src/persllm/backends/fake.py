@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from persllm.backends.base import Completion, GenParams, Request, Result, Usage, sequential_many
 from persllm.errors import BackendError
+
+if TYPE_CHECKING:
+    from persllm.backends.registry import OpenOptions
+    from persllm.config import ModelSpec
 
 Reply = str | Completion | BackendError
 Script = Sequence[Reply] | Callable[[Request], Reply]
@@ -14,6 +19,11 @@ Script = Sequence[Reply] | Callable[[Request], Reply]
 
 class FakeBackend:
     """Answers from a list (in order, cycling) or a function of the request; raises scripted BackendErrors."""
+
+    concurrency = 1
+    in_process = False
+    streaming = False  # the scripted reply is made whole, then handed out word by word
+    scoring = False
 
     def __init__(self, replies: Script = ("[Analysis] ok\n[Response] ok",), name: str = "fake") -> None:
         self.name = name
@@ -55,3 +65,8 @@ def _words(request: Request) -> int:
     if isinstance(request, str):
         return len(request.split())
     return sum(len(m.content.split()) for m in request)
+
+
+def from_spec(spec: ModelSpec, options: OpenOptions) -> FakeBackend:
+    """`fake`: the default script (BACKENDS row)."""
+    return FakeBackend()

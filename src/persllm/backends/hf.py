@@ -5,19 +5,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from persllm.backends.base import Completion, GenParams, Request, Result, Usage, request_repetition
 from persllm.decoding import Repetition, hf_processor, penalize
 from persllm.errors import BackendError, ConfigError
+
+if TYPE_CHECKING:
+    from persllm.backends.registry import OpenOptions
+    from persllm.config import ModelSpec
 
 log = logging.getLogger(__name__)
 
 
 class HFBackend:
     """A causal LM loaded with transformers; batched generation and log-likelihood scoring on CPU or GPU."""
+
+    concurrency = 1  # one request at a time; many prompts of one call share a batch instead
+    in_process = True
+    streaming = True
+    scoring = True
 
     def __init__(self, model: str | Path, adapter: str | Path | None = None, device: str | None = None,
                  batch_size: int = 8, name: str | None = None) -> None:
@@ -47,6 +56,7 @@ class HFBackend:
             self.model = load_adapter_stack(self.model, Path(adapter))
         self.model.to(self.device).eval()
         self.stop_ids = stop_token_ids(self.tokenizer)
+        self._count = token_counter(self.tokenizer)
         # Prompt plus answer tokens the model was built for (None if the config does not say).
         self.context_length: int | None = getattr(self.model.config, "max_position_embeddings", None)
         self.parameters = sum(p.numel() for p in self.model.parameters())
@@ -60,6 +70,14 @@ class HFBackend:
             return request
         messages = [{"role": m.role, "content": m.content} for m in request]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` in the model's vocabulary (no special tokens added)."""
+        return self._count(text)
+
+    def prompt_tokens(self, request: Request) -> int:
+        """Tokens of the prompt exactly as the model sees it."""
+        return self.count_tokens(self.render(request))
 
     def complete(self, request: Request, params: GenParams = GenParams()) -> Completion:
         """Generate one answer."""
@@ -447,6 +465,17 @@ def merge_adapters(model: Any, adapters: Sequence[Path]) -> Any:
     return model
 
 
+def token_counter(tokenizer: Any) -> Callable[[str], int]:
+    """Token counts from a transformers tokenizer; fast ones through the Rust tokenizer directly, because the
+    wrapper's __call__ re-configures padding (a mutation that fails while a streamer decodes on another thread)."""
+    from transformers import PreTrainedTokenizerFast
+
+    if isinstance(tokenizer, PreTrainedTokenizerFast):
+        rust = tokenizer.backend_tokenizer
+        return lambda text: len(rust.encode(text, add_special_tokens=False).ids)
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+
+
 def has_own_chat_template(tokenizer: Any) -> bool:
     """True if the tokenizer ships a chat template of its own (not none, and not the one persllm adds)."""
     from persllm import template
@@ -457,3 +486,8 @@ def has_own_chat_template(tokenizer: Any) -> bool:
     ours = {template.chat_template(start, end, training=t) for start, end in template.TURN_MARKERS
             for t in (True, False)}
     return current not in ours
+
+
+def from_spec(spec: ModelSpec, options: OpenOptions) -> HFBackend:
+    """`hf:MODEL[+ADAPTER]`, named `options.name` when given (BACKENDS row)."""
+    return HFBackend(spec.model, adapter=spec.adapter or None, batch_size=options.batch_size, name=options.name or None)

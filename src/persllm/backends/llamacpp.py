@@ -13,11 +13,15 @@ import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from persllm.backends.base import Completion, GenParams, Request, Result, Usage, request_repetition, sequential_many
 from persllm.decoding import Repetition, llamacpp_processor
 from persllm.errors import BackendError, ConfigError, DependencyError, require
+
+if TYPE_CHECKING:
+    from persllm.backends.registry import OpenOptions
+    from persllm.config import ModelSpec
 
 REBUILD = ('pip cache remove llama_cpp_python && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON '
            '-DGGML_F16C=ON" pip install --force-reinstall --no-deps llama-cpp-python')
@@ -61,6 +65,11 @@ def probe_crash(command: Sequence[str], timeout: float = 300) -> str:
 
 class LlamaCpp:
     """One GGUF model loaded with llama-cpp-python; requests are served one at a time."""
+
+    concurrency = 1
+    in_process = True
+    streaming = True
+    scoring = False
 
     def __init__(self, model_path: str | Path, n_ctx: int = 4096, n_threads: int | None = None, seed: int = 0) -> None:
         require("llama_cpp", "llamacpp", "The llama.cpp backend")
@@ -178,3 +187,15 @@ def _end_when(cancel: threading.Event, eos: int) -> Any:
         return scores
 
     return process
+
+
+def from_spec(spec: ModelSpec, options: OpenOptions) -> LlamaCpp:
+    """`llamacpp:PATH` (BACKENDS row)."""
+    return LlamaCpp(spec.model, n_ctx=spec.n_ctx, seed=options.seed)
+
+
+def open_embedded(spec: ModelSpec, options: OpenOptions) -> LlamaCpp:
+    """`default`: the embedded Gemma 3 270M GGUF (BACKENDS row)."""
+    from persllm.models import embedded_chat_gguf
+
+    return LlamaCpp(embedded_chat_gguf(), n_ctx=spec.n_ctx, seed=options.seed)

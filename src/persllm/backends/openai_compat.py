@@ -8,18 +8,26 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from persllm.backends.base import Completion, GenParams, Request, Result, Usage, with_retries
 from persllm.errors import BackendError, ConfigError
 
+if TYPE_CHECKING:
+    from persllm.backends.registry import OpenOptions
+    from persllm.config import ModelSpec
+
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
 class OpenAICompatible:
     """HTTP client for one model at one OpenAI-compatible endpoint."""
+
+    in_process = False
+    streaming = True
+    scoring = False  # chat endpoints give no log-likelihoods of a given continuation
 
     def __init__(self, model: str, base_url: str = "", api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0,
                  max_retries: int = 5, concurrency: int = 8, transport: httpx.BaseTransport | None = None,
@@ -202,3 +210,12 @@ def _delta(data: str) -> str:
         return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
     except (ValueError, KeyError, IndexError, TypeError):
         return ""
+
+
+def from_spec(spec: ModelSpec, options: OpenOptions) -> OpenAICompatible:
+    """`openai:MODEL[@URL]`, contacted once now when `options.check` (BACKENDS row)."""
+    backend = OpenAICompatible(spec.model, base_url=spec.base_url, api_key_env=spec.api_key_env, timeout=spec.timeout,
+                               max_retries=spec.max_retries, concurrency=spec.concurrency)
+    if options.check:
+        backend.check()
+    return backend

@@ -33,7 +33,7 @@ def parse_target(text: str) -> tuple[Path, str | None, str | None]:
 def _targets(texts: Sequence[str], preset: str | None,
              overrides: Sequence[str]) -> list[tuple[Any, str | None, str | None]]:
     """Load every project and check stages and adapters before any model loads."""
-    from persllm.serve import check_variant
+    from persllm.variants import check_variant
 
     found = []
     for text in texts:
@@ -74,21 +74,22 @@ def serve(projects: Sequence[str], host: str, port: int, keys_file: Path | None,
           max_queue: int, timeout: float, max_loaded: int, max_context: int, preset: str | None,
           overrides: Sequence[str]) -> None:
     """Serve personas through an OpenAI-compatible API (/v1/models, /v1/chat/completions)."""
-    from persllm import serve as server
+    from persllm.serve.app import create_app
+    from persllm.serve.http import bind_socket, load_api_keys, run_server
+    from persllm.serve.ids import Served
+    from persllm.serve.parse import Limits
 
     targets = _targets(projects, preset, overrides)
-    keys = server.load_api_keys(keys_file)
-    sock = server.bind_socket(host, port)  # a port in use fails here, before anything heavy happens
-    limits = server.Limits(max_concurrency=max_concurrency, max_queue=max_queue, timeout=timeout,
-                           max_context=max_context)
-    app = server.create_app([server.Served(p, s, v) for p, s, v in targets], api_keys=keys, limits=limits,
-                            max_loaded=max_loaded)
+    keys = load_api_keys(keys_file)
+    sock = bind_socket(host, port)  # a port in use fails here, before anything heavy happens
+    limits = Limits(max_concurrency=max_concurrency, max_queue=max_queue, timeout=timeout, max_context=max_context)
+    app = create_app([Served(p, s, v) for p, s, v in targets], api_keys=keys, limits=limits, max_loaded=max_loaded)
     rows = [[escape(e.id), escape(e.project.name), e.stage, e.variant] for e in app.state.entries.values()]
     console.print(summary_table("Models", rows, ["id", "persona", "stage", "variant"]))
     access = f"{len(keys)} API key(s) required" if keys else "no API keys: anyone who can reach it may use it"
     console.print(f"OpenAI-compatible API at [bold]http://{host}:{sock.getsockname()[1]}/v1[/bold] ({access}); "
                   "models load on first use. Ctrl-C stops.")
-    server.run_server(app, sock, log_level="warning")
+    run_server(app, sock, log_level="warning")
 
 
 @cli.command()
@@ -182,11 +183,11 @@ def arena(project: Path, preset: str | None, overrides: Sequence[str], output: P
     from urllib.parse import quote
 
     from persllm import arena as ab
-    from persllm import serve as server
     from persllm import variants
     from persllm.arena.store import ArenaLimits
     from persllm.backends.base import GenParams
     from persllm.errors import ConfigError
+    from persllm.serve.http import bind_socket, run_server
 
     proj = load(project, preset, overrides, output)
     limits = ArenaLimits(votes_per_window=votes_per_hour, new_voters_per_window=new_voters_per_hour, window_s=3600.0)
@@ -199,8 +200,8 @@ def arena(project: Path, preset: str | None, overrides: Sequence[str], output: P
         raise ConfigError(f"the arena compares at least two models, got {', '.join(names)}; train the persona "
                           f"(`persllm train {project}`) or name an endpoint, e.g. --models base,openai:MODEL@URL")
     for name in names:
-        server.check_variant(proj, name)
-    sock = server.bind_socket(host, port)  # a port in use fails before any model loads
+        variants.check_variant(proj, name)
+    sock = bind_socket(host, port)  # a port in use fails before any model loads
     asked = ab.heldout_questions(proj, questions)
     with BarProgress() as progress:
         made = ab.prepare(proj, store, names, asked,
@@ -214,7 +215,7 @@ def arena(project: Path, preset: str | None, overrides: Sequence[str], output: P
     console.print(f"Arena at [bold]{url}/[/bold]. Ctrl-C stops.")
     console.print(f"Results (organiser only, keep the key private): {escape(url)}/results?key={escape(quote(key))}"
                   + ("" if admin_key else " (a new key each start; set one with --admin-key)"), soft_wrap=True)
-    server.run_server(create_arena_app(proj, store, names, admin_key=key), sock, log_level="warning")
+    run_server(create_arena_app(proj, store, names, admin_key=key), sock, log_level="warning")
 
 
 def _export(store: Any, path: Path) -> None:

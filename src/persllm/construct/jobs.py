@@ -115,7 +115,7 @@ def _many_params(teacher: Backend, requests: list[Request], params: list[GenPara
     """Run requests that each have their own params, concurrently where the backend allows it."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    workers = getattr(teacher, "concurrency", None) or getattr(getattr(teacher, "inner", None), "concurrency", 1)
+    workers = teacher.concurrency
     if workers <= 1:
         for i, (r, p) in enumerate(zip(requests, params)):
             try:

@@ -4,7 +4,7 @@ It answers persllm's teacher prompts with deterministic, well-formed text (a que
 a plain reply), after a fixed latency, and can inject faults (garbage, empty strings, HTTP 500, 429, timeouts) at a
 rate decided by a hash of the request, so two runs over the same requests see the same faults.
 
-    python -m persllm.fakeserver --port 8765 --latency 0.2 --fault-rate 0.1
+    python -m persllm.backends.fakeserver --port 8765 --latency 0.2 --fault-rate 0.1
 """
 
 from __future__ import annotations
