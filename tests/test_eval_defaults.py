@@ -12,7 +12,7 @@ import yaml
 
 from persllm import template
 from persllm.config import load_project
-from persllm.eval.defaults import KIND_ORDER, TEMPLATES, default_probes
+from persllm.eval.default_probes import KIND_ORDER, TEMPLATES, default_probes
 from persllm.eval.probes import score_probe
 from persllm.ingest import ingest
 from persllm.types import Probe

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from persllm.backends.fake import FakeBackend
 from persllm.errors import BackendError
-from persllm.eval.criteria import judged, ranking
+from persllm.eval.criteria.base import judged
+from persllm.eval.criteria.ranking import ranking
 from persllm.eval.judge import Judge, Task, parse_profile, parse_winner, score_parser
 from persllm.prompts import load_prompts
 
@@ -74,9 +75,9 @@ def test_repeats_are_cached_and_distinct(tmp_path: Path) -> None:
 
 def pairwise(prefer: str | None) -> list:  # type: ignore[type-arg]
     """Outcomes from a fake judge that picks `prefer`'s answer wherever it is shown, or always 'A' if None."""
-    from persllm.eval.judging import pairwise_tasks
-    from persllm.eval.runner import ModelRun
+    from persllm.eval.criteria.ranking import pairwise_tasks
     from persllm.eval.generate import Answer, ModelUnderTest
+    from persllm.eval.runner import ModelRun
     from persllm.types import Sample
 
     samples = [Sample(f"s{i}", "p", "early", "1900", "ordinary", f"Q{i}?", "", "R.", "seed", split="test")

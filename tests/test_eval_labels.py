@@ -12,10 +12,10 @@ from conftest import MINIMAL_YAML, write_project
 
 from persllm.config import load_project
 from persllm.errors import ConfigError
-from persllm.eval import ipip, report, summary
-from persllm.eval.criteria import dimension_accuracy, ipip_summary
+from persllm.eval import ipip
+from persllm.eval.criteria import big_five
+from persllm.eval.criteria.big_five import dimension_accuracy, ipip_summary
 from persllm.eval.generate import Decoding, ModelUnderTest
-from persllm.eval.results import _ipip_report
 from persllm.eval.runner import ModelRun, Plan
 
 # Keyed domain means of the fixed administration: high O, low C, exactly 3 on E, high A, low N.
@@ -71,7 +71,7 @@ def ipip_section(tmp_path: Path) -> dict[str, Any]:
     runs = {"base": ModelRun(ModelUnderTest("base", "base", "base", local=False),
                              ipip={"test-person/early": administration(MEASURED)})}
     plan = Plan(probes=[], heldout=[], words=[], ipip_stages=["early"], interview=[], decoding=Decoding(8, 0.7, 1))
-    return _ipip_report(project, runs, plan, {}, [])
+    return big_five.result(project, runs, plan, {}, []).to_json()
 
 
 def test_report_puts_accuracy_next_to_target_distance(ipip_section: dict[str, Any]) -> None:
@@ -111,7 +111,7 @@ class Table(HTMLParser):
 
 
 def test_big_five_table_and_summary_show_accuracy(ipip_section: dict[str, Any]) -> None:
-    html = report._big_five({"ipip": ipip_section}, ["base"], {"base": "#123456", "target": "#000000"})
+    html = big_five.html({"ipip": ipip_section}, ["base"], {"base": "#123456", "target": "#000000"})
     parser = Table()
     parser.feed(html.split("<h3>")[0])  # the per-model table comes before the target and distance tables
     header, row = parser.rows
@@ -121,7 +121,7 @@ def test_big_five_table_and_summary_show_accuracy(ipip_section: dict[str, Any]) 
     assert cells["distance to target"] == f"{math.sqrt(4.25):.2f}"
     targets = html.split("<h3>Target profiles</h3>")[1]
     assert "<td>high</td>" in targets and "<td>low</td>" in targets
-    line = summary._big_five({"ipip": ipip_section}, "base")
+    line = big_five.summary_line({"ipip": ipip_section}, "base")
     assert "dimension accuracy 2/4" in line and "target d=2.06" in line
 
 

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from persllm.eval.metrics import (mean_ci, perplexity, rate_ci, rouge_l, sentence_bleu, symmetric_bleu, tokens)
-from persllm.eval.criteria import distinction
+from persllm.eval.criteria.distinction import distinction
 from persllm.eval.generate import Answer
+from persllm.eval.metrics import mean_ci, perplexity, rate_ci, rouge_l, sentence_bleu, symmetric_bleu, tokens
 from persllm.types import Sample
 
 PAIRS = [

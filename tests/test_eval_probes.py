@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from persllm.errors import DataError
-from persllm.eval.criteria import anti_induction, probe_scores
+from persllm.eval.criteria.anti_induction import anti_induction
+from persllm.eval.criteria.probes import probe_scores
 from persllm.eval.generate import Answer
 from persllm.eval.probes import contains, load_probes, probe_to_json, score_probe
 from persllm.types import Probe

@@ -13,7 +13,7 @@ from eval_helpers import TINY_YAML, make_adapter, prepare_workspace
 from persllm.backends.fake import FakeBackend
 from persllm.config import load_project
 from persllm.eval import evaluate, headline, summary_rows
-from persllm.eval.report import SECTIONS
+from persllm.eval.report_html import SECTIONS
 
 USER_PROBES = [
     {"id": "u-born", "kind": "knowledge", "stage": "early", "question": "Where were you born?",
@@ -136,7 +136,7 @@ def test_html_opens_in_headless_chromium_without_errors(evaluated: dict[str, Any
 
 
 def test_format_failures_count_analysis_shown_as_the_answer() -> None:
-    from persllm.eval.criteria import analysis_phrases, format_failures
+    from persllm.eval.criteria.answer_format import analysis_phrases, format_failures
     from persllm.eval.generate import Answer
     from persllm.prompts import load_prompts
 

@@ -9,7 +9,7 @@ from benchmarks import recipe
 
 def report(passes: dict[str, list[bool]]) -> dict:  # type: ignore[type-arg]
     """A minimal eval report.json with the given per-probe results."""
-    from persllm.eval.criteria import paired_probes
+    from persllm.eval.criteria.probes import paired_probes
     from persllm.eval.metrics import rate_ci
 
     names = list(passes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from persllm.eval import training_smoke
-from persllm.eval.report import _smoke
+from persllm.eval.report_html import _smoke
 from persllm.workspace import Workspace
 
 FAILED = {"ok": False, "problems": ["no_stop", "repetition"], "max_new_tokens": 96, "outputs": [

@@ -17,6 +17,7 @@ import yaml
 
 from persllm.backends.registry import BACKENDS, backend_kind, spoken
 from persllm.errors import ConfigError
+from persllm.types import CONSTRUCTED_NEGATIVES, NEGATIVE_TYPES
 
 PROJECT_FILE = "persona.yaml"
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -129,7 +130,7 @@ class ConstructConfig:
     """Deprecated alias of the top-level `general:` (a `messages` JSONL); used only when `general` is not set."""
     general_per_stage: int = 8
     """Stylised general samples per stage."""
-    negatives: list[str] = field(default_factory=lambda: ["other_stage", "non_personified", "induced"])
+    negatives: list[str] = field(default_factory=lambda: list(CONSTRUCTED_NEGATIVES))
     """Rejected-answer material to produce for automated DPO."""
     test_fraction: float = 0.2
     """Share of seed passages whose samples are held out."""
@@ -258,9 +259,7 @@ class DPOConfig:
     """Gradient accumulation steps."""
     max_length: int = 512
     """Longest prompt + answer in tokens."""
-    negative_types: list[str] = field(
-        default_factory=lambda: ["other_stage", "other_persona", "non_personified", "induced"]
-    )
+    negative_types: list[str] = field(default_factory=lambda: list(NEGATIVE_TYPES))
     """Kinds of rejected answers used."""
     pairs_per_sample: int = 2
     """Most pairs built from one sample."""
@@ -754,8 +753,10 @@ def _check_project(project: Project) -> list[str]:
     for key in ("construct.negatives", "dpo.negative_types"):
         section, attr = key.split(".")
         for value in getattr(getattr(project, section), attr):
-            if value not in ("other_stage", "other_persona", "non_personified", "induced"):
-                errors.append(f"{key}: unknown negative type {value!r}")
+            if value not in NEGATIVE_TYPES:
+                close = difflib.get_close_matches(value, NEGATIVE_TYPES, n=1)
+                errors.append(f"{key}: unknown negative type {value!r}"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
     if project.dpo.sft_weight < 0:
         errors.append(f"dpo.sft_weight: must be 0 (plain DPO) or more, got {project.dpo.sft_weight}")
     errors.extend(_check_general(project))

@@ -11,7 +11,26 @@ Role = Literal["system", "user", "assistant"]
 MaterialKind = Literal["knowledge", "style"]
 QuestionKind = Literal["ordinary", "opinion", "induced", "general"]
 QUESTION_KINDS: tuple[str, ...] = ("ordinary", "opinion", "induced")
-NEGATIVE_TYPES: tuple[str, ...] = ("other_stage", "other_persona", "non_personified", "induced")
+
+
+@dataclass(frozen=True, slots=True)
+class NegativeType:
+    """One kind of rejected answer for automated DPO: its name, who builds it and what the golden answer beats."""
+
+    name: str
+    built_by: Literal["construct", "pairs"]  # construct writes it per sample; pairs finds it in peers' samples
+    beats: str  # what the persona's golden answer is preferred over
+
+
+NEGATIVES: tuple[NegativeType, ...] = (
+    NegativeType("other_stage", "construct", "the same question answered from another life stage's material"),
+    NegativeType("other_persona", "pairs", "a peer persona's answer to a similar question"),
+    NegativeType("non_personified", "construct", "a generic assistant's answer"),
+    NegativeType("induced", "construct", "an answer that accepts the question's false premise"),
+)
+"""The one list of negative types; its order is the canonical one (config defaults, build order, stats)."""
+NEGATIVE_TYPES: tuple[str, ...] = tuple(t.name for t in NEGATIVES)
+CONSTRUCTED_NEGATIVES: tuple[str, ...] = tuple(t.name for t in NEGATIVES if t.built_by == "construct")
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from persllm.backends.base import Completion, GenParams
 from persllm.backends.cache import request_key
@@ -14,9 +14,10 @@ from persllm.construct.records import Answer, Draft, GeneralItem, Question
 from persllm.construct.retrieval import Context
 from persllm.construct.validate import Voice, parse_answer, parse_question, parse_response
 from persllm.prompts import Prompts
-from persllm.types import Message
+from persllm.types import CONSTRUCTED_NEGATIVES, Message
 
 Parser = Callable[[Completion], Any]
+NegativeRequest = Callable[["FullMethod", Draft, dict[str, tuple[str, Context]]], list[Message] | None]
 
 
 class FullMethod:
@@ -87,25 +88,36 @@ class FullMethod:
         by_key: dict[str, tuple[str, str]] = {}
         for draft in drafts:
             sid, induced = draft.slot.id, draft.slot.kind == "induced"
-            wanted: list[tuple[str, list[Message]]] = []
-            if "other_stage" in types and sid in other:
-                stage_id, context = other[sid]
-                wanted.append(("other_stage", self.answer_request(stage_id, draft.question.text, context, induced)))
-            if "non_personified" in types:
-                wanted.append(("non_personified", [
-                    Message("system", self.prompts.get("negative.non_personified")),
-                    Message("user", draft.question.text)]))
-            if "induced" in types and induced:
-                names = self._names(self.project.stage(draft.slot.stage))
-                wanted.append(("induced", [
-                    Message("system", self.prompts.fill("negative.accept_premise", **names)),
-                    Message("user", draft.question.text)]))
-            for neg_type, request in wanted:
+            for neg_type in (t for t in CONSTRUCTED_NEGATIVES if t in types):
+                request = self.NEGATIVE_REQUESTS[neg_type](self, draft, other)
+                if request is None:
+                    continue
                 key = _key(f"negative-{neg_type}", sid, request)
                 by_key[key] = (sid, neg_type)
                 jobs.append(Job(key, request, self.negative_parser(neg_type, induced), self.params))
         results = self.runner.run("negatives", jobs)
         return {by_key[k]: v for k, v in results.items()}
+
+    def _other_stage_request(self, draft: Draft, other: dict[str, tuple[str, Context]]) -> list[Message] | None:
+        if draft.slot.id not in other:
+            return None
+        stage_id, context = other[draft.slot.id]
+        return self.answer_request(stage_id, draft.question.text, context, draft.slot.kind == "induced")
+
+    def _non_personified_request(self, draft: Draft, other: dict[str, tuple[str, Context]]) -> list[Message]:
+        return [Message("system", self.prompts.get("negative.non_personified")), Message("user", draft.question.text)]
+
+    def _induced_request(self, draft: Draft, other: dict[str, tuple[str, Context]]) -> list[Message] | None:
+        if draft.slot.kind != "induced":
+            return None
+        names = self._names(self.project.stage(draft.slot.stage))
+        return [Message("system", self.prompts.fill("negative.accept_premise", **names)),
+                Message("user", draft.question.text)]
+
+    NEGATIVE_REQUESTS: ClassVar[dict[str, NegativeRequest]] = {
+        "other_stage": _other_stage_request, "non_personified": _non_personified_request,
+        "induced": _induced_request}
+    """The teacher request of each constructed negative type (None where a draft cannot have one)."""
 
     # -- stylised general data ------------------------------------------------------------------------------
     def general(self, items: Sequence[GeneralItem]) -> dict[str, Answer | Failed]:

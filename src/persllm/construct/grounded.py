@@ -24,7 +24,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from persllm import text as T
 from persllm.backends.base import Completion, GenParams
@@ -39,7 +39,7 @@ from persllm.construct.validate import Reject
 from persllm.construct.views import View, find_views, quotable, second_person, strip_conjunction
 from persllm.data import anachronisms, later_terms
 from persllm.prompts import Prompts, fill
-from persllm.types import Passage, stable_id
+from persllm.types import CONSTRUCTED_NEGATIVES, Passage, stable_id
 
 _TITLES = ("Mr", "Mrs", "Miss", "Ms", "Lady", "Lord", "Sir", "Dr", "Doctor", "Professor", "King", "Queen",
            "Prince", "Princess", "Madame", "Monsieur", "Mademoiselle", "Count", "Countess", "Duke", "Father")
@@ -53,6 +53,9 @@ _VAGUE_END = re.compile(r"\b(?:it|that|this|them|there|those|these)\s*[?？]$", 
 
 # What an answer builder returns: (analysis parts, response parts, meta), or Failed(reason).
 Built = tuple[list[str], list[str], dict[str, Any]] | Failed
+# What a negative builder returns for one draft: the rejected answer, Failed(reason), or None (no such negative).
+NegativeBuilder = Callable[["GroundedMethod", Draft, dict[str, tuple[str, Context]], random.Random],
+                           Answer | Failed | None]
 
 
 @dataclass(frozen=True)
@@ -324,17 +327,36 @@ class GroundedMethod:
         out: dict[tuple[str, str], Answer | Failed] = {}
         for draft in drafts:
             sid = draft.slot.id
+            # One generator per draft, drawn from in CONSTRUCTED_NEGATIVES order, so each type's text is reproducible.
             rng = random.Random(stable_id(self.project.seed, sid, "negative"))
-            if "other_stage" in types and sid in other:
-                stage, context = other[sid]
-                out[(sid, "other_stage")] = self._compose(draft.slot, stage, draft.question, context, None)
-            if "non_personified" in types:
-                fact = self._best_sentence(draft.slot.stage, draft.question, draft.context) or draft.slot.seed.text
-                text = self._fill_choice("grounded.non_personified", rng, fact=fact)
-                out[(sid, "non_personified")] = Answer("", text, "template")
-            if "induced" in types and draft.slot.kind == "induced":
-                out[(sid, "induced")] = Answer("", self._accept_premise(draft.question, rng), "template")
+            for neg_type in (t for t in CONSTRUCTED_NEGATIVES if t in types):
+                built = self.NEGATIVE_BUILDERS[neg_type](self, draft, other, rng)
+                if built is not None:
+                    out[(sid, neg_type)] = built
         return out
+
+    def _other_stage_negative(self, draft: Draft, other: dict[str, tuple[str, Context]],
+                              rng: random.Random) -> Answer | Failed | None:
+        if draft.slot.id not in other:
+            return None
+        stage, context = other[draft.slot.id]
+        return self._compose(draft.slot, stage, draft.question, context, None)
+
+    def _non_personified_negative(self, draft: Draft, other: dict[str, tuple[str, Context]],
+                                  rng: random.Random) -> Answer:
+        fact = self._best_sentence(draft.slot.stage, draft.question, draft.context) or draft.slot.seed.text
+        return Answer("", self._fill_choice("grounded.non_personified", rng, fact=fact), "template")
+
+    def _induced_negative(self, draft: Draft, other: dict[str, tuple[str, Context]],
+                          rng: random.Random) -> Answer | None:
+        if draft.slot.kind != "induced":
+            return None
+        return Answer("", self._accept_premise(draft.question, rng), "template")
+
+    NEGATIVE_BUILDERS: ClassVar[dict[str, NegativeBuilder]] = {
+        "other_stage": _other_stage_negative, "non_personified": _non_personified_negative,
+        "induced": _induced_negative}
+    """The builder of each constructed negative type (it returns None where a draft cannot have one)."""
 
     def _compose(self, slot: Slot, stage_id: str, question: Question, context: Context,
                  budget: Q.SentenceBudget | None) -> Answer | Failed:

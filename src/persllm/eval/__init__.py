@@ -19,17 +19,18 @@ from persllm.backends import Backend
 from persllm.config import Project, resolved_dict
 from persllm.errors import ConfigError, DataError, PersllmError
 from persllm.eval import interview as interviews
-from persllm.eval import ipip, judging
-from persllm.eval.criteria import Embed
-from persllm.eval.defaults import default_probes
+from persllm.eval import ipip
+from persllm.eval.criteria import big_five, precision, probes, ranking
+from persllm.eval.criteria import interview as interview_criterion
+from persllm.eval.criteria.base import Embed
+from persllm.eval.default_probes import default_probes
 from persllm.eval.generate import Decoding, FewShot, RagIndex, few_shot_examples, resolve_models
-from persllm.eval.judge import Judge
-from persllm.eval.judging import Judges
+from persllm.eval.judge import Judge, Judges
 from persllm.eval.probes import load_probes, probe_to_json
-from persllm.eval.report import render_html
-from persllm.eval.results import build_report
+from persllm.eval.report_html import render_html
+from persllm.eval.report_json import build_report
+from persllm.eval.report_text import headline, stats, summary_rows
 from persllm.eval.runner import ModelRun, Opener, Plan, load_peers, run_models
-from persllm.eval.summary import headline, stats, summary_rows
 from persllm.pipeline import load_passages, load_samples
 from persllm.progress import NULL, Progress
 from persllm.types import Passage, Sample, to_record
@@ -252,18 +253,19 @@ def _judge_all(project: Project, judges: Judges, runs: dict[str, ModelRun], plan
     models = list(runs.values())
     if judges.judge is not None:
         j = judges.judge
-        out["accuracy"] = j.run(judging.accuracy_tasks(project, prompts, models, plan.heldout, cfg.judge_items),
+        out["accuracy"] = j.run(precision.accuracy_tasks(project, prompts, models, plan.heldout, cfg.judge_items),
                                 progress, "judge accuracy")
-        out["probe"] = j.run(judging.probe_tasks(project, prompts, models, plan, cfg.judge_items), progress,
+        out["probe"] = j.run(probes.probe_tasks(project, prompts, models, plan, cfg.judge_items), progress,
                              "judge probes")
-        out["pairwise"] = j.run(judging.pairwise_tasks(project, models, plan.heldout, cfg.judge_items), progress,
+        out["pairwise"] = j.run(ranking.pairwise_tasks(project, models, plan.heldout, cfg.judge_items), progress,
                                 "judge ranking")
-        out["ipip"] = j.run(judging.interview_tasks(project, models, plan), progress, "judge interviews")
-        out["interview"] = j.run(interviews.interview_tasks(project, prompts, models, plan, passages,
-                                                            cfg.judge_items), progress, "judge interview questions")
+        out["ipip"] = j.run(big_five.interview_tasks(project, models, plan), progress, "judge interviews")
+        out["interview"] = j.run(interview_criterion.interview_tasks(project, prompts, models, plan, passages,
+                                                                     cfg.judge_items), progress,
+                                 "judge interview questions")
     if judges.teacher is not None:
         stages = [s for s in plan.ipip_stages if s not in cfg.target]
-        out["target"] = judges.teacher.run(judging.target_tasks(project, passages, stages), progress,
+        out["target"] = judges.teacher.run(big_five.target_tasks(project, passages, stages), progress,
                                            "Big Five targets")
     return out
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from persllm.errors import DataError, PersllmError
-from persllm.eval.report import fmt
+from persllm.eval.render import fmt
 
 NOT_COMPARABLE = "judged numbers are not comparable"
 

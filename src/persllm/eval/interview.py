@@ -15,20 +15,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from persllm.config import Project
-from persllm.construct.retrieval import Retriever
 from persllm.errors import DataError
-from persllm.eval.criteria import by_key, judged
-from persllm.eval.generate import relevant_material
-from persllm.eval.judge import Outcome, Task, score_parser
 from persllm.eval.probes import file_problems, read_user_file
-from persllm.prompts import Prompts
-from persllm.types import Passage
-
-if TYPE_CHECKING:  # runner imports this module for Plan.questions; the runs are only annotated here
-    from persllm.eval.runner import ModelRun, Plan
 
 PURPOSE = "interview_q"  # "interview" is the IPIP open-question administration
 DIMENSIONS = ("memorization", "values", "personality", "hallucination", "stability")
@@ -36,7 +27,6 @@ SCALE = (1, 7)
 FIELDS = ("id", "question", "topic", "stage")
 DOCS = "docs/interviews.md"
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_MATERIAL_TOKENS = 500
 
 
 @dataclass(frozen=True)
@@ -152,81 +142,3 @@ def _check(data: Any, stages: Sequence[str]) -> list[str]:
         errors.append(f"stage {stage!r} is not a stage of this project; use one of: {', '.join(stages)} "
                       "(or leave it out to ask at every stage)")
     return errors
-
-
-# -- judging ---------------------------------------------------------------------------------------------------------
-def interview_tasks(project: Project, prompts: Prompts, runs: Sequence[ModelRun], plan: Plan,
-                    passages: Sequence[Passage], limit: int) -> list[Task]:
-    """One 1-7 judge task per answer and dimension, for at most `limit` answers per model.
-
-    One call per dimension rather than one call for all five: a focused rubric keeps one dimension's impression from
-    colouring the others (the halo effect), and a reply that does not parse loses one score, not five.
-    """
-    retrievers = {s.id: Retriever([p for p in passages if p.stage == s.id]) for s in project.stages}
-    material: dict[tuple[str, str], str] = {}
-    tasks = []
-    for run in runs:
-        index = by_key(run.answers)
-        answered = [(q, stage) for q in plan.questions for stage in q.stages if _key(q.id, stage) in index][:limit]
-        for q, stage in answered:
-            if (q.id, stage) not in material:
-                material[(q.id, stage)] = _material(retrievers[stage], q.question)
-            names = {"name": project.name, "label": project.stage(stage).label}
-            for dim in DIMENSIONS:
-                values = names | {"material": material[(q.id, stage)], "question": q.question,
-                                  "answer": index[_key(q.id, stage)].visible,
-                                  "dimension": prompts.get(f"judge.interview_dimensions.{dim}"),
-                                  "rubric": prompts.fill(f"judge.interview_rubric.{dim}", **names)}
-                tasks.append(Task("interview", run.model.name, f"{q.id}/{stage}/{dim}", "interview", values,
-                                  score_parser(*SCALE), {"dimension": dim, "stage": stage, "question": q.id,
-                                                         "topic": q.topic}))
-    return tasks
-
-
-def _key(question_id: str, stage: str) -> str:
-    return f"{PURPOSE}/{question_id}/{stage}"
-
-
-def _material(retriever: Retriever, question: str) -> str:
-    """The stage's passages most relevant to the question (three quarters knowledge, a quarter own words)."""
-    return "\n".join(p for p in relevant_material(retriever, question, _MATERIAL_TOKENS) if p) or "(no material)"
-
-
-# -- report ----------------------------------------------------------------------------------------------------------
-def interview_report(project: Project, plan: Plan, names: Sequence[str], outcomes: Sequence[Outcome] | None,
-                     judge_reason: str) -> dict[str, Any]:
-    """report.json's "interview" section: per model, each dimension's mean with its 95% interval over answers."""
-    if not project.eval.interview:
-        return {"enabled": False, "reason": "no interview file: set eval.interview in persona.yaml or pass "
-                                            f"--interview FILE (format: {DOCS})"}
-    if outcomes is None:
-        return {"enabled": False, "file": project.eval.interview,
-                "reason": f"{judge_reason}; interviews are scored by the judge, so their questions were not asked"}
-    asked = sum(len(q.stages) for q in plan.questions)
-    models: dict[str, Any] = {}
-    for name in names:
-        mine = [o for o in outcomes if o.task.model == name]
-        stages = sorted({o.task.meta["stage"] for o in mine}, key=[s.id for s in project.stages].index)
-        topics = sorted({o.task.meta["topic"] for o in mine if o.task.meta["topic"]})
-        models[name] = {
-            "judged_answers": len({(o.task.meta["question"], o.task.meta["stage"]) for o in mine}),
-            "dimensions": _by_dimension(mine),
-            "by_stage": {s: _by_dimension([o for o in mine if o.task.meta["stage"] == s]) for s in stages},
-            "by_topic": {t: _by_dimension([o for o in mine if o.task.meta["topic"] == t]) for t in topics},
-        }
-    return {"enabled": True, "file": project.eval.interview, "questions": len(plan.questions), "answers": asked,
-            "limit": project.eval.judge_items, "dimensions": list(DIMENSIONS), "scale": list(SCALE),
-            "method": ("Character-LLM interview: every model answers every question greedily, at the question's stage "
-                       "or, without one, at every stage. The judge rates each answer 1-7 on each dimension in a "
-                       "separate call, given the persona's name, the stage, the stage's material most relevant to "
-                       "the question, the question and the answer. hallucination: 7 = no invented facts; "
-                       "stability: 7 = fully in character. Per-answer means over the judge's repeats are averaged "
-                       "with a 95% t interval over answers; an unparseable reply is missing, never a score. At most "
-                       "eval.judge_items answers per model are judged."),
-            "models": models}
-
-
-def _by_dimension(outcomes: Sequence[Outcome]) -> dict[str, Any]:
-    """Each dimension's estimate (mean, interval, n, missing), in the rubric's order."""
-    scores = judged(outcomes, lambda o: o.task.meta["dimension"], (float(SCALE[0]), float(SCALE[1])))
-    return {d: scores[d] for d in DIMENSIONS if d in scores}

@@ -169,3 +169,24 @@ class Judge:
         """Close the caches (and the backend once)."""
         for view in self._views:
             view.close()
+
+
+@dataclass(frozen=True)
+class Judges:
+    """The judge (None when eval.judge_items is 0) and the teacher that estimates Big Five targets (or None)."""
+
+    judge: Judge | None
+    teacher: Judge | None
+    reason: str  # why there is no judge
+
+
+UNRELIABLE = ("Judge scores from the embedded 270M model are unreliable: a model that small cannot rate answers. "
+              "Set `judge: openai:MODEL` (or any stronger model) in persona.yaml for scores you can trust.")
+
+
+def verdict_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Counts of judge replies by status, so unparseable output is visible in the report."""
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record["status"]] = counts.get(record["status"], 0) + 1
+    return {"replies": len(records), **counts}
