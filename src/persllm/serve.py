@@ -45,6 +45,7 @@ from persllm.backends.base import Backend, Completion, GenParams
 from persllm.config import Project
 from persllm.errors import BackendError, ConfigError, PersllmError
 from persllm.types import Message
+from persllm.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def backend_key(project: Project, variant: str) -> str:
     if variant == "base":
         return f"base:{project.base_model.spec}"
     if variant in variants.TUNED:
-        return f"{variant}:{project.base_model.spec}+{variants.adapter_dir(project, variant)}"
+        return f"{variant}:{project.base_model.spec}+{Workspace.of(project).adapter_dir(variant)}"
     return f"spec:{variant}"
 
 
