@@ -132,7 +132,8 @@ def prepare(root: Path) -> tuple[Any, list[dict[str, list[int]]], Path]:
     from persllm import export as exporter
     from persllm.config import load_project
     from persllm.general import load_general
-    from persllm.pipeline import build_dpo_pairs, load_samples, run, workspace
+    from persllm.pipeline import build_dpo_pairs, run
+    from persllm.workspace import Workspace
 
     os.environ.setdefault("PERSLLM_HOME", str(root / "home"))
     model = build_tiny_model(root / "tiny", bos_on_encode=True)
@@ -142,8 +143,8 @@ def prepare(root: Path) -> tuple[Any, list[dict[str, list[int]]], Path]:
         "teacher=fake", "construct.mode=grounded", f"base_model=hf:{model}", "sft.temporal_labels=tokens",
         "sft.max_steps=1", "dpo.max_steps=1", "dpo.sft_weight=1.0"])  # the demo presets' DPO with its LM loss
     run(project, ["ingest", "construct"])
-    ws = workspace(project)
-    samples = load_samples(ws)
+    ws = Workspace.of(project)
+    samples = ws.samples()
     pairs, _ = build_dpo_pairs(project, ws, samples)
     general = [list(r.messages) for r in load_general(project)[0]]
     bundle = exporter.build_bundle(project, samples, pairs, general)

@@ -9,7 +9,6 @@ from conftest import MINIMAL_YAML
 
 from persllm.config import Project
 from persllm.ingest import ingest
-from persllm.pipeline import workspace
 from persllm.types import Passage, Sample, to_record
 from persllm.workspace import Workspace, write_jsonl
 
@@ -51,7 +50,7 @@ def samples_for(passages: list[Passage]) -> list[Sample]:
 
 def prepare_workspace(project: Project) -> Workspace:
     """Write ingest passages and hand-made construct samples into the project's workspace."""
-    ws = workspace(project)
+    ws = Workspace.of(project)
     passages, _ = ingest(project)
     write_jsonl(ws.stage_dir("ingest") / "passages.jsonl", (to_record(p) for p in passages))
     write_jsonl(ws.stage_dir("construct") / "samples.jsonl", (to_record(s) for s in samples_for(passages)))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import MINIMAL_YAML, free_port, write_project
 
-from persllm.train.dist import ACCELERATE_CONFIGS, accelerate_config
+from persllm.dist import ACCELERATE_CONFIGS, accelerate_config
 from persllm.workspace import Workspace, file_sha256
 
 CONFIGS = ACCELERATE_CONFIGS

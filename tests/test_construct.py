@@ -22,8 +22,9 @@ from persllm.backends.openai_compat import OpenAICompatible
 from persllm.config import load_project
 from persllm.construct import construct
 from persllm.ingest import ingest
-from persllm.pipeline import load_samples, run, workspace
+from persllm.pipeline import run
 from persllm.types import Sample
+from persllm.workspace import Workspace
 
 
 def _check_sample(sample: Sample, stage_ids: set[str]) -> None:
@@ -187,14 +188,14 @@ def test_rerun_skips_and_deleting_a_stage_redoes_only_it(tmp_path: Path, project
     assert [o.skipped for o in first] == [False, False]
     again = run(project, ["ingest", "construct"])
     assert [o.skipped for o in again] == [True, True]
-    ws = workspace(project)
-    before = load_samples(ws)
+    ws = Workspace.of(project)
+    before = ws.samples()
     import shutil
 
     shutil.rmtree(ws.stage_dir("construct"))
     redo = run(project, ["ingest", "construct"])
     assert [o.skipped for o in redo] == [True, False]
-    assert load_samples(ws) == before
+    assert ws.samples() == before
     # editing material re-runs ingest and, because its output changed, construct too
     (project_dir / "late_style.txt").write_text((project_dir / "late_style.txt").read_text()
                                                 + "I never trusted a banker who could not fix a motor.\n")

@@ -60,11 +60,11 @@ def test_unknown_model_and_bad_settings(tiny_project, tmp_path: Path) -> None:  
 
 
 def test_missing_construct_output_names_the_command(project_dir: Path) -> None:
-    from persllm.pipeline import workspace
+    from persllm.workspace import Workspace
 
     project = load_project(project_dir)  # checked before the models, so nothing is loaded or converted
     with pytest.raises(DataError, match=r"passages\.jsonl; run `persllm ingest"):
-        evaluate(project, workspace(project))
+        evaluate(project, Workspace.of(project))
 
 
 def test_config_validation(project_dir: Path) -> None:

@@ -20,8 +20,9 @@ import yaml
 from persllm import export as exporter
 from persllm.config import load_project
 from persllm.general import load_general
-from persllm.pipeline import build_dpo_pairs, load_samples, run, workspace
+from persllm.pipeline import build_dpo_pairs, run
 from persllm.train.data import build_sft_records
+from persllm.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,8 +35,8 @@ def _project(project_dir: Path, tiny_model: Path, *overrides: str):  # type: ign
 
 
 def _inputs(project):  # type: ignore[no-untyped-def]
-    ws = workspace(project)
-    samples = load_samples(ws)
+    ws = Workspace.of(project)
+    samples = ws.samples()
     pairs, _ = build_dpo_pairs(project, ws, samples)
     return samples, pairs, [list(r.messages) for r in load_general(project)[0]]
 
@@ -234,7 +235,7 @@ def test_export_files_follow_the_umask(bundle, tmp_path: Path) -> None:  # type:
 
 def test_export_cli_writes_pairs_before_dpo_ran(project_dir: Path, tiny_model: Path, tmp_path: Path) -> None:
     project = _project(project_dir, tiny_model)
-    assert workspace(project).manifest("dpo") is None
+    assert Workspace.of(project).manifest("dpo") is None
     result = subprocess.run([sys.executable, "-m", "persllm", "export", str(project.root), "--set", "teacher=fake",
                              "--set", "construct.mode=grounded", "--set", f"base_model=hf:{tiny_model}",
                              "--to", str(tmp_path / "x")], capture_output=True, text=True, timeout=180,

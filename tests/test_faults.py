@@ -19,8 +19,8 @@ from conftest import MINIMAL_YAML, free_port, wait_for_http, write_project
 
 from persllm.config import load_project
 from persllm.errors import ConfigError, PersllmError
-from persllm.pipeline import run, workspace
-from persllm.workspace import write_json, write_jsonl
+from persllm.pipeline import run
+from persllm.workspace import Workspace, write_json, write_jsonl
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
@@ -134,7 +134,7 @@ def test_disk_full_gives_a_clear_error_and_keeps_the_old_file(tmp_path: Path, mo
 def test_disk_full_during_a_stage_leaves_no_manifest(project_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     project = load_project(project_dir, overrides=["teacher=fake", "construct.mode=grounded"])
     run(project, ["ingest"])
-    ws = workspace(project)
+    ws = Workspace.of(project)
     passages = (ws.stage_dir("ingest") / "passages.jsonl").read_bytes()
     (project_dir / "late_style.txt").write_text((project_dir / "late_style.txt").read_text() + "A new line of mine.\n")
 

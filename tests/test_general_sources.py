@@ -303,6 +303,7 @@ def test_sft_realised_ratio_matches_general_ratio(tmp_path: Path, repeat: int, r
 def test_sft_stage_reports_the_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import persllm.train
     from persllm import pipeline
+    from persllm.workspace import Workspace
 
     root = tmp_path / "p"
     write_jsonl(root / "general.jsonl", 6)
@@ -315,8 +316,8 @@ def test_sft_stage_reports_the_source(tmp_path: Path, monkeypatch: pytest.Monkey
         return {"samples": counts}
 
     monkeypatch.setattr(persllm.train, "train_sft", fake_train)
-    monkeypatch.setattr(pipeline, "load_samples", lambda ws: [])
-    stats = pipeline._run_sft(project, pipeline.workspace(project), pipeline.NULL)
+    monkeypatch.setattr(Workspace, "samples", lambda self: [])
+    stats = pipeline._run_sft(project, Workspace.of(project), pipeline.NULL)
     assert len(seen["general"]) == 3 and all(isinstance(m, Message) for c in seen["general"] for m in c)
     assert stats["samples"]["general_source"]["kind"] == "jsonl"
     assert stats["samples"]["general_source"]["used"] == 3

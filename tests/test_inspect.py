@@ -13,7 +13,8 @@ from conftest import chromium_page, needs_chromium, write_project
 from persllm.cli import main
 from persllm.config import load_project
 from persllm.construct.audit_page import format_figure, meta_extras, pick_samples, render_audit_page
-from persllm.pipeline import load_negatives, load_passages, load_samples, run, workspace
+from persllm.pipeline import run
+from persllm.workspace import Workspace
 
 AUDIT = {"responses": 40, "shared_sentence_share": 0.125, "low_relevance_share": 0.05, "relevance_threshold": 0.35,
          "rewrite_grammar_errors": 2, "held_out_leaks": 0, "odd_new_share": 0.5, "odd_new_count": 7}
@@ -46,8 +47,8 @@ def test_page_and_summary_show_samples_reasons_and_figures(built: dict[str, Any]
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     page, terminal = _inspect(built, capsys, "--per-group", "2")
     project, stats = built["project"], built["stats"]
-    ws = workspace(project)
-    samples, passages = load_samples(ws), {p.id: p for p in load_passages(ws)}
+    ws = Workspace.of(project)
+    samples, passages = ws.samples(), {p.id: p for p in ws.passages()}
     shown = [s for group in pick_samples(project, samples, 2).values() for s in group]
     assert shown and all(len(g) <= 2 for g in pick_samples(project, samples, 2).values())
     assert "Test Person" in page and "grounded" in page
@@ -77,8 +78,8 @@ def test_page_and_summary_show_samples_reasons_and_figures(built: dict[str, Any]
 
 def test_choice_is_seeded_and_deterministic(built: dict[str, Any]) -> None:
     project = built["project"]
-    ws = workspace(project)
-    samples, negatives, passages = load_samples(ws), load_negatives(ws), load_passages(ws)
+    ws = Workspace.of(project)
+    samples, negatives, passages = ws.samples(), ws.negatives(), ws.passages()
     args = (project, samples, negatives, passages, built["stats"])
     assert render_audit_page(*args, per_group=3) == render_audit_page(*args[:1], list(reversed(samples)), *args[2:],
                                                                       per_group=3)
@@ -91,9 +92,9 @@ def test_choice_is_seeded_and_deterministic(built: dict[str, Any]) -> None:
 
 def test_older_stats_show_n_a(built: dict[str, Any]) -> None:
     project = built["project"]
-    ws = workspace(project)
+    ws = Workspace.of(project)
     stats = {k: v for k, v in built["stats"].items() if k not in ("dropped", "audit", "rejected")}
-    page = render_audit_page(project, load_samples(ws), [], load_passages(ws), stats)
+    page = render_audit_page(project, ws.samples(), [], ws.passages(), stats)
     assert page.count("n/a") >= 8  # six audit figures and both reason tables
     assert "persllm construct PROJECT --force" in page
     assert format_figure("x_share", None) == "n/a" and format_figure("x_share", 0.2) == "20.0%"
@@ -114,8 +115,8 @@ def test_missing_construct_is_a_clear_error(tmp_path: Path, capsys: pytest.Captu
 def test_page_opens_in_headless_chromium_without_errors(built: dict[str, Any],
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     _inspect(built, capsys)
-    ws = workspace(built["project"])
-    question = next(s for g in pick_samples(built["project"], load_samples(ws), 5).values() for s in g).question
+    ws = Workspace.of(built["project"])
+    question = next(s for g in pick_samples(built["project"], ws.samples(), 5).values() for s in g).question
     with chromium_page(built["project"].output / "construct" / "audit.html") as (page, problems):
         text = page.inner_text("body")
         sections = {key: page.locator(f"section#{key}").count()

@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from persllm import __version__
+from persllm import __version__, dist
 from persllm.config import Project, resolved_dict
 from persllm.errors import ConfigError, DataError
 from persllm.progress import NULL, Progress
-from persllm.train import dist
-from persllm.types import Negative, Passage, PreferencePair, Sample, from_record, to_record
-from persllm.workspace import STAGES, UPSTREAM, Workspace, fingerprint, read_jsonl, write_jsonl, write_yaml
+from persllm.types import PreferencePair, Sample, to_record
+from persllm.workspace import STAGES, UPSTREAM, Workspace, fingerprint, write_jsonl, write_yaml
 
 
 DISTRIBUTED_STAGES = ("sft", "dpo")  # stages every rank of a multi-process launch runs together
@@ -38,18 +37,13 @@ class StageOutcome:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def workspace(project: Project) -> Workspace:
-    """The project's output workspace."""
-    return Workspace(project.output)
-
-
 def run(project: Project, stages: Sequence[str] = STAGES, force: Collection[str] = (),
         progress: Progress = NULL) -> list[StageOutcome]:
     """Run stages in order, skipping those already done with the same inputs (unless named in `force`)."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
-    ws = workspace(project)
+    ws = Workspace.of(project)
     if not dist.is_main_process():  # `accelerate launch`: every rank runs this; rank 0 writes, locks and reports
         dist.quiet_other_ranks(progress)
         return _run_stages(project, stages, force, NULL, ws)
@@ -107,33 +101,6 @@ def _run_stage(project: Project, stage: str, ws: Workspace, force: bool, progres
     return StageOutcome(stage, skipped=False, seconds=time.monotonic() - started, stats=stats)
 
 
-def headline(stage: str, stats: dict[str, Any]) -> str:
-    """One line of the most useful numbers of a stage, for the run summary."""
-    if stage == "ingest":
-        return f"{stats.get('passages', 0)} passages ({stats.get('tokens', 0)} tokens)"
-    if stage == "construct":
-        kinds = ", ".join(f"{k} {v}" for k, v in sorted(stats.get("by_kind", {}).items()))
-        rejected = sum(stats.get("rejected", {}).values())
-        return (f"{stats.get('samples', 0)} samples ({kinds}); {sum(stats.get('negatives', {}).values())} "
-                f"negatives; {rejected} teacher outputs rejected; mode {stats.get('mode')}")
-    if stage in ("sft", "dpo"):
-        line = f"{stats.get('steps', 0)} steps, loss {_num(stats.get('final_loss'))}"
-        if stage == "dpo":
-            line += f", {stats.get('pairs', 0)} pairs, reward margin {_num(stats.get('reward_margin'))}"
-            acc = stats.get("preference_accuracy")
-            if acc:
-                line += "; held-out preference accuracy " + " -> ".join(
-                    f"{name} {_num(v.get('accuracy'))}" for name, v in acc.items())
-        if stats.get("smoke_warning"):
-            line += "; SMOKE TEST FAILED (see below)"
-        return line
-    if stage == "eval":
-        from persllm.eval import headline as eval_headline
-
-        return eval_headline(stats)
-    return ", ".join(f"{k} {v}" for k, v in stats.items() if isinstance(v, (int, float, str)))[:160]
-
-
 SMOKE_STAGES = ("sft", "dpo")
 
 
@@ -141,29 +108,6 @@ def smoke_failures(outcomes: Sequence[StageOutcome]) -> list[tuple[str, dict[str
     """(stage, smoke result) of each SFT/DPO stage in a run, done or skipped, whose generation smoke test failed."""
     return [(o.stage, o.stats.get("smoke") or {}) for o in outcomes
             if o.stage in SMOKE_STAGES and o.stats.get("smoke_warning")]
-
-
-def smoke_line(stage: str, smoke: dict[str, Any], path: Path | None = None, width: int = 160) -> str:
-    """One line on a failed smoke test: the problems, how many answers failed, and an excerpt of one of them."""
-    outputs = smoke.get("outputs") or []
-    failed = [o for o in outputs if o.get("problems")]
-    line = f"{stage} smoke test FAILED: {', '.join(smoke.get('problems') or ['no answers'])}"
-    if outputs:
-        line += f" ({len(failed)} of {len(outputs)} answers"
-        line += f", budget {smoke['max_new_tokens']} new tokens)" if smoke.get("max_new_tokens") else ")"
-    if failed:
-        example = failed[0]
-        text = " ".join(str(example.get("text", "")).split())
-        if len(text) > width:
-            text = text[: width - 60].rstrip() + " … " + text[-50:].lstrip()
-        line += f"; e.g. {example.get('question', '')!r} -> {text!r}"
-    if path is not None:
-        line += f"; details: {path}"
-    return line
-
-
-def _num(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
 
 
 def _read_stats(stage_dir: Path) -> dict[str, Any]:
@@ -185,13 +129,8 @@ def _run_ingest(project: Project, ws: Workspace, progress: Progress) -> dict[str
     from persllm.ingest import ingest
 
     passages, stats = ingest(project)
-    write_jsonl(ws.stage_dir("ingest") / "passages.jsonl", (to_record(p) for p in passages))
+    write_jsonl(ws.passages_file, (to_record(p) for p in passages))
     return stats
-
-
-def load_passages(ws: Workspace) -> list[Passage]:
-    """Passages written by ingest."""
-    return [from_record(Passage, r) for r in read_jsonl(ws.stage_dir("ingest") / "passages.jsonl")]
 
 
 # -- construct ------------------------------------------------------------------------------------------------------
@@ -226,26 +165,15 @@ def _run_construct(project: Project, ws: Workspace, progress: Progress) -> dict[
     from persllm.backends.cache import CachedBackend
     from persllm.construct import construct
 
-    passages = load_passages(ws)
+    passages = ws.passages()
     teacher = CachedBackend(open_backend(project.teacher, seed=project.seed), ws.cache_dir / "teacher.sqlite")
     try:
         result = construct(project, passages, teacher, progress)
     finally:
         teacher.close()
-    out = ws.stage_dir("construct")
-    write_jsonl(out / "samples.jsonl", (to_record(s) for s in result.samples))
-    write_jsonl(out / "negatives.jsonl", (to_record(n) for n in result.negatives))
+    write_jsonl(ws.samples_file, (to_record(s) for s in result.samples))
+    write_jsonl(ws.negatives_file, (to_record(n) for n in result.negatives))
     return result.stats
-
-
-def load_samples(ws: Workspace) -> list[Sample]:
-    """Samples written by construct."""
-    return [from_record(Sample, r) for r in read_jsonl(ws.stage_dir("construct") / "samples.jsonl")]
-
-
-def load_negatives(ws: Workspace) -> list[Negative]:
-    """DPO negatives written by construct."""
-    return [from_record(Negative, r) for r in read_jsonl(ws.stage_dir("construct") / "negatives.jsonl")]
 
 
 # -- training -------------------------------------------------------------------------------------------------------
@@ -269,7 +197,7 @@ def _run_sft(project: Project, ws: Workspace, progress: Progress) -> dict[str, A
 
     records, source = load_general(project)
     general = [list(record.messages) for record in records]
-    return train_sft(project, load_samples(ws), general, ws.stage_dir("sft"), progress, general_source=source)
+    return train_sft(project, ws.samples(), general, ws.stage_dir("sft"), progress, general_source=source)
 
 
 def _dpo_config(project: Project) -> dict[str, Any]:
@@ -286,7 +214,7 @@ def _peer_digests(project: Project) -> dict[str, str]:
     """Digests of the peers' constructed data (their questions feed other_persona negatives)."""
     digests = {}
     for peer in _peer_projects(project):
-        manifest = Workspace(peer.output).manifest("construct")
+        manifest = Workspace.of(peer).manifest("construct")
         digests[peer.slug] = manifest.digest if manifest else "not constructed"
     return digests
 
@@ -295,12 +223,12 @@ def _run_dpo(project: Project, ws: Workspace, progress: Progress) -> dict[str, A
     from persllm.backends import base_model_path
     from persllm.train import pairs_by_split, preference_accuracy, train_dpo
 
-    samples = load_samples(ws)
+    samples = ws.samples()
     pairs, pair_stats = build_dpo_pairs(project, ws, samples)
     split = pairs_by_split(pairs, samples)
     out = ws.stage_dir("dpo")
     if dist.is_main_process():
-        write_jsonl(out / "pairs.jsonl",
+        write_jsonl(ws.pairs_file,
                     (to_record(p) | {"split": name} for name, group in split.items() for p in group))
     stats = train_dpo(project, split.get("train", []), ws.stage_dir("sft"), out, progress)
     held_out = split.get("test", [])
@@ -308,7 +236,7 @@ def _run_dpo(project: Project, ws: Workspace, progress: Progress) -> dict[str, A
         base = base_model_path(project.base_model)
         with progress.task("held-out preference accuracy (base, sft, dpo)", total=3) as task:
             accuracy = {}
-            for name, adapter in (("base", None), ("sft", ws.stage_dir("sft") / "adapter"), ("dpo", out / "adapter")):
+            for name, adapter in (("base", None), ("sft", ws.adapter_dir("sft")), ("dpo", ws.adapter_dir("dpo"))):
                 accuracy[name] = preference_accuracy(base, adapter, held_out)
                 task.advance()
         stats["preference_accuracy"] = accuracy
@@ -320,16 +248,10 @@ def build_dpo_pairs(project: Project, ws: Workspace,
     """The DPO pairs (train and test) the dpo stage trains on, built from the constructed data and the peers'."""
     from persllm.train import build_pairs
 
-    samples = load_samples(ws) if samples is None else samples
-    peer_spaces = [Workspace(peer.output) for peer in _peer_projects(project)]
-    peer_samples = [s for peer_ws in peer_spaces if peer_ws.manifest("construct") for s in load_samples(peer_ws)]
-    return build_pairs(project, samples, load_negatives(ws), peer_samples)
-
-
-def load_pairs(ws: Workspace, split: str | None = None) -> list[PreferencePair]:
-    """DPO pairs written by the dpo stage (optionally one split)."""
-    path = ws.stage_dir("dpo") / "pairs.jsonl"
-    return [from_record(PreferencePair, r) for r in read_jsonl(path) if split is None or r.get("split") == split]
+    samples = ws.samples() if samples is None else samples
+    peer_spaces = [Workspace.of(peer) for peer in _peer_projects(project)]
+    peer_samples = [s for peer_ws in peer_spaces if peer_ws.manifest("construct") for s in peer_ws.samples()]
+    return build_pairs(project, samples, ws.negatives(), peer_samples)
 
 
 @dataclass(frozen=True)

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from persllm.backends import BACKENDS, Backend, base_model_path, open_backend
 from persllm.config import ModelSpec, Project, parse_model_spec
 from persllm.decoding import Repetition, resolve
 from persllm.errors import ConfigError
+from persllm.workspace import Workspace
 
 TUNED = ("sft", "dpo")
 
 
-def adapter_dir(project: Project, variant: str) -> Path:
-    """Where the adapter of a tuned variant lives."""
-    return project.output / variant / "adapter"
-
-
 def available(project: Project) -> list[str]:
     """Variants that can be loaded now: base always, sft/dpo once trained."""
-    return ["base"] + [v for v in TUNED if (adapter_dir(project, v) / "adapter_config.json").is_file()]
+    ws = Workspace.of(project)
+    return ["base"] + [v for v in TUNED if (ws.adapter_dir(v) / "adapter_config.json").is_file()]
 
 
 def spec_for(project: Project, variant: str) -> ModelSpec:
@@ -27,7 +22,7 @@ def spec_for(project: Project, variant: str) -> ModelSpec:
     if variant == "base":
         return ModelSpec(backend="hf", model=base_model_path(project.base_model))
     if variant in TUNED:
-        adapter = adapter_dir(project, variant)
+        adapter = Workspace.of(project).adapter_dir(variant)
         if not (adapter / "adapter_config.json").is_file():
             raise ConfigError(f"no {variant.upper()} adapter at {adapter}; run `persllm train {project.root}` first "
                               f"(available now: {', '.join(available(project))})")
@@ -54,7 +49,7 @@ def backend_key(project: Project, variant: str) -> str:
     if variant == "base":
         return f"base:{project.base_model.spec}"
     if variant in TUNED:
-        return f"{variant}:{project.base_model.spec}+{adapter_dir(project, variant)}"
+        return f"{variant}:{project.base_model.spec}+{Workspace.of(project).adapter_dir(variant)}"
     return f"spec:{variant}"
 
 

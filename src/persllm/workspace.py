@@ -1,5 +1,5 @@
-"""The on-disk layout of a project's output folder: atomic writes, JSONL, stage manifests for skipping done work, and
-the lock that lets one process write there at a time."""
+"""The on-disk layout of a project's output folder: where each artifact lives and how it loads, atomic writes, JSONL,
+stage manifests for skipping done work, and the lock that lets one process write there at a time."""
 
 from __future__ import annotations
 
@@ -18,11 +18,15 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from persllm.errors import DataError, PersllmError, ProjectLockedError
+from persllm.types import Negative, Passage, PreferencePair, Sample, from_record
+
+if TYPE_CHECKING:
+    from persllm.config import Project
 
 STAGES: tuple[str, ...] = ("ingest", "construct", "sft", "dpo", "eval")
 UPSTREAM: dict[str, tuple[str, ...]] = {
@@ -32,6 +36,8 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "dpo": ("construct", "sft"),
     "eval": ("construct", "sft", "dpo"),  # the most eval reads: pipeline.upstream_of keeps the models evaluated
 }
+ADAPTER = "adapter"  # a tuned variant's LoRA / QLoRA adapter, under its stage folder
+FULL_MODEL = "model"  # a tuned variant's weights after full fine-tuning, under its stage folder
 MANIFEST = "manifest.json"
 LOCK = ".persllm.lock"
 # Records of how a stage ran (its settings, timings, loss curves, smoke test, audit page): shown to people, never read
@@ -87,9 +93,69 @@ class Workspace:
             self._hashes[key] = file_sha256(path)
         return self._hashes[key]
 
+    @classmethod
+    def of(cls, project: Project) -> Workspace:
+        """The workspace of a project's output folder."""
+        return cls(project.output)
+
     def stage_dir(self, stage: str) -> Path:
         """Directory of one stage's outputs (not created)."""
         return self.root / stage
+
+    # -- artifacts: the one place that knows where each stage's data lives -------------------------------------------
+    @property
+    def passages_file(self) -> Path:
+        """Passages written by ingest."""
+        return self.stage_dir("ingest") / "passages.jsonl"
+
+    @property
+    def samples_file(self) -> Path:
+        """Samples written by construct."""
+        return self.stage_dir("construct") / "samples.jsonl"
+
+    @property
+    def negatives_file(self) -> Path:
+        """DPO negatives written by construct."""
+        return self.stage_dir("construct") / "negatives.jsonl"
+
+    @property
+    def pairs_file(self) -> Path:
+        """DPO pairs (train and test, each record naming its split) written by the dpo stage."""
+        return self.stage_dir("dpo") / "pairs.jsonl"
+
+    def adapter_dir(self, variant: str) -> Path:
+        """The adapter of a tuned variant (sft, dpo): the folder its stage trains into."""
+        return self.stage_dir(variant) / ADAPTER
+
+    def full_model_dir(self, variant: str) -> Path:
+        """The fully fine-tuned weights of a tuned variant (training method `full`)."""
+        return self.stage_dir(variant) / FULL_MODEL
+
+    @property
+    def export_dir(self) -> Path:
+        """Default root of `persllm export`: one folder per data format, gguf/ and merged/."""
+        return self.root / "export"
+
+    def merged_dir(self, variant: str, root: Path | None = None) -> Path:
+        """Where `persllm export --merged` keeps a variant merged into the base model (under `root`, given --to)."""
+        return (root or self.export_dir) / "merged" / variant
+
+    def passages(self) -> list[Passage]:
+        """The passages ingest wrote."""
+        return [from_record(Passage, r) for r in read_jsonl(self.passages_file)]
+
+    def samples(self) -> list[Sample]:
+        """The samples construct wrote."""
+        return [from_record(Sample, r) for r in read_jsonl(self.samples_file)]
+
+    def negatives(self) -> list[Negative]:
+        """The DPO negatives construct wrote."""
+        return [from_record(Negative, r) for r in read_jsonl(self.negatives_file)]
+
+    def pairs(self, split: str | None = None) -> list[PreferencePair]:
+        """The DPO pairs the dpo stage wrote (optionally one split)."""
+        return [from_record(PreferencePair, r) for r in read_jsonl(self.pairs_file)
+                if split is None or r.get("split") == split]
 
     @property
     def cache_dir(self) -> Path:

@@ -12,21 +12,20 @@ from persllm.backends.base import Backend, GenParams
 from persllm.config import Project
 from persllm.errors import BackendError, DataError
 from persllm.progress import NULL, Progress
+from persllm.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 
 def heldout_questions(project: Project, limit: int = 40) -> list[Question]:
     """Up to `limit` distinct questions of the held-out (test) split, a seeded sample spread over the stages."""
-    from persllm.pipeline import load_samples, workspace
-
-    ws = workspace(project)
+    ws = Workspace.of(project)
     if ws.manifest("construct") is None:
         raise DataError(f"the arena asks held-out questions made by construct, which has not run for {project.name}; "
                         f"run `persllm construct {project.root}` first")
     seen: set[str] = set()
     questions = []
-    for sample in sorted(load_samples(ws), key=lambda s: s.id):
+    for sample in sorted(ws.samples(), key=lambda s: s.id):
         if sample.split == "test" and sample.question not in seen:
             seen.add(sample.question)
             questions.append(Question(sample.id, sample.stage, sample.question))

@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
-from persllm.cli import cli, load, project_options
 from persllm.cli.display import console
+from persllm.cli.group import cli, load, project_options
 
 HELP = """commands: /stage ID  switch life stage   /analysis on|off  show the chain of thought
           /reset  forget the conversation    /save FILE  save the transcript (.md or .jsonl)   /quit"""

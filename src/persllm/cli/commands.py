@@ -9,8 +9,8 @@ from typing import Any
 import click
 from rich.markup import escape
 
-from persllm.cli import cli, load, project_options
-from persllm.cli.display import BarProgress, console, summary_table
+from persllm.cli.display import BarProgress, console, smoke_line, stage_headline, summary_table
+from persllm.cli.group import cli, load, project_options
 
 INIT_YAML = """\
 # persllm persona project. Only name and stages are required; see the README for optional settings
@@ -128,6 +128,7 @@ def run(project: Path, preset: str | None, overrides: Sequence[str], output: Pat
 def _run_stages(project: Any, stages: list[str], force: bool, force_only: str | None = None,
                 needs_upstream: bool = False, strict: bool = False) -> None:
     from persllm import pipeline
+    from persllm.workspace import Workspace
 
     if needs_upstream:
         stages = pipeline.stages_for(project, stages[-1])
@@ -139,12 +140,12 @@ def _run_stages(project: Any, stages: list[str], force: bool, force_only: str | 
     with BarProgress() as progress:
         outcomes = pipeline.run(project, stages, force=forced, progress=progress)
     rows = [[o.stage, "skipped (up to date)" if o.skipped else "done", f"{o.seconds:.0f}s" if not o.skipped else "-",
-             escape(pipeline.headline(o.stage, o.stats))] for o in outcomes]
+             escape(stage_headline(o.stage, o.stats))] for o in outcomes]
     console.print(summary_table("Summary", rows, ["stage", "status", "time", "result"]))
     failed = pipeline.smoke_failures(outcomes)
-    ws = pipeline.workspace(project)
+    ws = Workspace.of(project)
     for stage, smoke in failed:
-        line = pipeline.smoke_line(stage, smoke, ws.stage_dir(stage) / "smoke.json")
+        line = smoke_line(stage, smoke, ws.stage_dir(stage) / "smoke.json")
         console.print(f"[bold red]WARNING[/bold red] {escape(line)}", highlight=False, soft_wrap=True)
     if "eval" in stages:
         _print_eval(ws.stage_dir("eval"))
@@ -228,22 +229,23 @@ def export(project: Path, preset: str | None, overrides: Sequence[str], output: 
     from persllm import pipeline
     from persllm.errors import DataError
     from persllm.general import load_general
+    from persllm.workspace import Workspace
 
     proj = load(project, preset, overrides, output)
-    ws = pipeline.workspace(proj)
+    ws = Workspace.of(proj)
     models = bool(gguf_types) or merged
     if fmt is not None or not models:
         fmt = fmt or "all"
         if ws.manifest("construct") is None:
             raise DataError(f"nothing to export yet: run `persllm construct {project}` first")
-        samples = pipeline.load_samples(ws)
+        samples = ws.samples()
         pairs, _ = pipeline.build_dpo_pairs(proj, ws, samples)  # the pairs the dpo stage would train on
         general = [list(record.messages) for record in load_general(proj)[0]]
         with console.status("rendering the training records with the base tokenizer"):
             bundle = exporter.build_bundle(proj, samples, pairs, general)
         formats = exporter.FORMATS if fmt == "all" else (fmt,)
         for name in formats:
-            target = (dest / name if dest and fmt == "all" else dest) or ws.root / "export" / name
+            target = (dest / name if dest and fmt == "all" else dest) or ws.export_dir / name
             files = exporter.write(bundle, name, target)
             console.print(f"[bold]{name}[/bold]: " + ", ".join(escape(str(f)) for f in files))
         counts = bundle.counts
@@ -253,7 +255,7 @@ def export(project: Path, preset: str | None, overrides: Sequence[str], output: 
         if not bundle.dpo_train:
             console.print("[dim]No DPO pairs: the constructed data has no negatives of dpo.negative_types.[/dim]")
     if models:
-        _export_model(proj, variant, list(dict.fromkeys(gguf_types)), merged, dest or ws.root / "export")
+        _export_model(proj, variant, list(dict.fromkeys(gguf_types)), merged, dest or ws.export_dir)
 
 
 def _export_model(project: Any, variant: str | None, gguf_types: list[str], keep_merged: bool, root: Path) -> None:
@@ -264,12 +266,12 @@ def _export_model(project: Any, variant: str | None, gguf_types: list[str], keep
     from persllm import template
     from persllm.train.gguf_export import export_ggufs, ollama_modelfile
     from persllm.train.merge import best_variant, merge_variant
-    from persllm.workspace import write_text
+    from persllm.workspace import Workspace, write_text
 
     variant = variant or best_variant(project)
     root.mkdir(parents=True, exist_ok=True)
     scratch = None if keep_merged else Path(tempfile.mkdtemp(prefix=f".merged-{variant}.", dir=root))
-    merged_dir = root / "merged" / variant if keep_merged else scratch / "model"
+    merged_dir = Workspace.of(project).merged_dir(variant, root) if keep_merged else scratch / "model"
     try:
         with console.status(f"merging the {variant.upper()} model into the base model"):
             merge_variant(project, variant, merged_dir)
@@ -312,18 +314,18 @@ def inspect_(project: Path, preset: str | None, overrides: Sequence[str], output
     origins and seed passages, written to <output>/construct/audit.html."""
     import json
 
-    from persllm import pipeline
     from persllm.construct import audit_page
     from persllm.errors import DataError
+    from persllm.workspace import Workspace
 
     proj = load(project, preset, overrides, output)
-    ws = pipeline.workspace(proj)
+    ws = Workspace.of(proj)
     out = ws.stage_dir("construct")
     if ws.manifest("construct") is None:
         raise DataError(f"no finished construct stage in {out}: run `persllm construct {project}` first")
     stats = json.loads((out / "stats.json").read_text(encoding="utf-8")) if (out / "stats.json").is_file() else {}
-    samples, negatives = pipeline.load_samples(ws), pipeline.load_negatives(ws)
-    passages = pipeline.load_passages(ws) if (ws.stage_dir("ingest") / "passages.jsonl").is_file() else []
+    samples, negatives = ws.samples(), ws.negatives()
+    passages = ws.passages() if ws.passages_file.is_file() else []
     path = audit_page.write_audit_page(proj, samples, negatives, passages, stats, out / "audit.html", per_group)
     console.print(f"[bold]{escape(proj.name)}[/bold]: mode {escape(str(stats.get('mode') or 'n/a'))}, teacher "
                   f"{escape(str(stats.get('teacher') or proj.teacher.spec))}, {len(samples)} samples, "

@@ -1,4 +1,5 @@
-"""Terminal display for the CLI: rich progress bars, notes and the run summary (library code never prints)."""
+"""Terminal display for the CLI: rich progress bars, notes, the run summary and its per-stage lines (library code
+never prints)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -78,3 +80,53 @@ def summary_table(title: str, rows: Sequence[Sequence[str]], headers: Sequence[s
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def stage_headline(stage: str, stats: dict[str, Any]) -> str:
+    """One line of the most useful numbers of a stage, for the run summary."""
+    if stage == "ingest":
+        return f"{stats.get('passages', 0)} passages ({stats.get('tokens', 0)} tokens)"
+    if stage == "construct":
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(stats.get("by_kind", {}).items()))
+        rejected = sum(stats.get("rejected", {}).values())
+        return (f"{stats.get('samples', 0)} samples ({kinds}); {sum(stats.get('negatives', {}).values())} "
+                f"negatives; {rejected} teacher outputs rejected; mode {stats.get('mode')}")
+    if stage in ("sft", "dpo"):
+        line = f"{stats.get('steps', 0)} steps, loss {_num(stats.get('final_loss'))}"
+        if stage == "dpo":
+            line += f", {stats.get('pairs', 0)} pairs, reward margin {_num(stats.get('reward_margin'))}"
+            acc = stats.get("preference_accuracy")
+            if acc:
+                line += "; held-out preference accuracy " + " -> ".join(
+                    f"{name} {_num(v.get('accuracy'))}" for name, v in acc.items())
+        if stats.get("smoke_warning"):
+            line += "; SMOKE TEST FAILED (see below)"
+        return line
+    if stage == "eval":
+        from persllm.eval import headline as eval_headline
+
+        return eval_headline(stats)
+    return ", ".join(f"{k} {v}" for k, v in stats.items() if isinstance(v, (int, float, str)))[:160]
+
+
+def smoke_line(stage: str, smoke: dict[str, Any], path: Path | None = None, width: int = 160) -> str:
+    """One line on a failed smoke test: the problems, how many answers failed, and an excerpt of one of them."""
+    outputs = smoke.get("outputs") or []
+    failed = [o for o in outputs if o.get("problems")]
+    line = f"{stage} smoke test FAILED: {', '.join(smoke.get('problems') or ['no answers'])}"
+    if outputs:
+        line += f" ({len(failed)} of {len(outputs)} answers"
+        line += f", budget {smoke['max_new_tokens']} new tokens)" if smoke.get("max_new_tokens") else ")"
+    if failed:
+        example = failed[0]
+        text = " ".join(str(example.get("text", "")).split())
+        if len(text) > width:
+            text = text[: width - 60].rstrip() + " … " + text[-50:].lstrip()
+        line += f"; e.g. {example.get('question', '')!r} -> {text!r}"
+    if path is not None:
+        line += f"; details: {path}"
+    return line
+
+
+def _num(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"

@@ -15,8 +15,8 @@ from typing import Any
 import click
 from rich.markup import escape
 
-from persllm.cli import cli, load, project_options
 from persllm.cli.display import BarProgress, console, summary_table
+from persllm.cli.group import cli, load, project_options
 
 TARGET = re.compile(r"^(?P<path>.+?)(?:@(?P<stage>[a-z0-9][a-z0-9_-]{0,31}))?(?::(?P<variant>.+))?$")
 METAVAR = "PROJECT[@STAGE][:VARIANT]"

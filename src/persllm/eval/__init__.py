@@ -31,7 +31,6 @@ from persllm.eval.report_html import render_html
 from persllm.eval.report_json import build_report
 from persllm.eval.report_text import headline, stats, summary_rows
 from persllm.eval.runner import ModelRun, Opener, Plan, load_peers, run_models
-from persllm.pipeline import load_passages, load_samples
 from persllm.progress import NULL, Progress
 from persllm.types import Passage, Sample, to_record
 from persllm.decoding import SMALL_MODEL_REPETITION
@@ -49,11 +48,11 @@ def evaluate(project: Project, ws: Workspace, progress: Progress = NULL, *, open
     """
     started = time.monotonic()
     cfg = project.eval
-    for stage, name in (("ingest", "passages.jsonl"), ("construct", "samples.jsonl")):
-        if not (ws.stage_dir(stage) / name).is_file():
-            raise DataError(f"eval needs {ws.stage_dir(stage) / name}; run `persllm {stage} {project.root}` first")
+    for stage, path in (("ingest", ws.passages_file), ("construct", ws.samples_file)):
+        if not path.is_file():
+            raise DataError(f"eval needs {path}; run `persllm {stage} {project.root}` first")
     models = resolve_models(project, cfg.models)  # a missing adapter or a bad spec fails here, before any work
-    samples, passages = load_samples(ws), load_passages(ws)
+    samples, passages = ws.samples(), ws.passages()
     plan = _plan(project, samples, passages, _ipip_stages(project))
     opener = open_model or (lambda m: open_variant(project, m.variant, batch_size=cfg.batch_size))
     with contextlib.ExitStack() as stack:
@@ -110,7 +109,6 @@ def fingerprint_config(project: Project) -> dict[str, Any]:
     from pathlib import Path
 
     from persllm.config import load_project
-    from persllm.pipeline import workspace
 
     probe_file = Path(project.eval.probes) if project.eval.probes else None
     digest = file_sha256(probe_file) if probe_file and probe_file.is_file() else ""
@@ -119,7 +117,7 @@ def fingerprint_config(project: Project) -> dict[str, Any]:
     peers: dict[str, dict[str, str]] = {}
     for entry in project.peers:  # a peer's newly trained adapter changes the inter scores
         try:
-            peer_ws = workspace(load_project(project.root / entry))
+            peer_ws = Workspace.of(load_project(project.root / entry))
         except PersllmError:
             continue
         peers[entry] = {v: m.digest for v in TUNED if (m := peer_ws.manifest(v)) is not None}

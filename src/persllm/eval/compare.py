@@ -39,10 +39,10 @@ def _report_file(path: Path) -> Path:
         return path / "report.json"
     if (path / "persona.yaml").is_file():
         from persllm.config import load_project
-        from persllm.pipeline import workspace
+        from persllm.workspace import Workspace
 
         try:
-            return workspace(load_project(path)).stage_dir("eval") / "report.json"
+            return Workspace.of(load_project(path)).stage_dir("eval") / "report.json"
         except PersllmError as exc:
             raise DataError(f"{path}: cannot find its eval report: {exc}") from exc
     raise DataError(f"{path} holds neither report.json nor persona.yaml; name a report.json or a project directory")

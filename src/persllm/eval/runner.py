@@ -38,6 +38,7 @@ from persllm.eval.metrics import perplexity
 from persllm.progress import Progress
 from persllm.types import Passage, Probe, Sample
 from persllm.variants import TUNED
+from persllm.workspace import Workspace
 
 Opener = Callable[[ModelUnderTest], Backend]
 
@@ -228,7 +229,6 @@ def _round(value: float | None) -> float | None:
 def load_peers(project: Project, rag_tokens: int) -> tuple[list[Persona], list[str]]:
     """Other personas (project.peers) whose prompts the same backends can play; notes for those that cannot load."""
     from persllm.config import load_project
-    from persllm.pipeline import load_passages, workspace
 
     peers, notes = [], []
     for entry in project.peers:
@@ -239,10 +239,10 @@ def load_peers(project: Project, rag_tokens: int) -> tuple[list[Persona], list[s
             continue
         if peer.slug == project.slug:
             continue
-        peer_ws = workspace(peer)
+        peer_ws = Workspace.of(peer)
         rag = None
-        if (peer_ws.stage_dir("ingest") / "passages.jsonl").is_file():
-            rag = RagIndex(load_passages(peer_ws), set(), rag_tokens, peer.language)
+        if peer_ws.passages_file.is_file():
+            rag = RagIndex(peer_ws.passages(), set(), rag_tokens, peer.language)
         peers.append(Persona(peer.slug, peer, rag))
     return peers, notes
 

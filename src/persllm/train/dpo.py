@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from persllm import dist
 from persllm.config import Project, resolved_dict
 from persllm.errors import DataError, PersllmError
 from persllm.progress import NULL, Progress
-from persllm.train import _model, dist
+from persllm.train import _model
 from persllm.train.data import pair_record
 from persllm.train.sft import (
     SMOKE_PROMPTS,

@@ -15,7 +15,7 @@ from persllm import template
 from persllm.config import Project
 from persllm.errors import ConfigError
 from persllm.variants import TUNED
-from persllm.workspace import atomic_dir, write_json
+from persllm.workspace import Workspace, atomic_dir, write_json
 
 MERGED_FILE = "persllm_merged.json"
 
@@ -24,11 +24,12 @@ def variant_source(project: Project, variant: str) -> Path:
     """The trained result of a variant: its adapter/ (LoRA, QLoRA) or model/ (full fine-tuning) folder."""
     if variant not in TUNED:
         raise ConfigError(f"--model {variant!r}: choose sft or dpo (the base model needs no merge)")
-    stage = project.output / variant
-    for name, marker in (("adapter", "adapter_config.json"), ("model", "config.json")):
-        if (stage / name / marker).is_file():
-            return stage / name
-    raise ConfigError(f"no trained {variant.upper()} model in {stage}; run `persllm train {project.root}` first")
+    ws = Workspace.of(project)
+    for folder, marker in ((ws.adapter_dir(variant), "adapter_config.json"), (ws.full_model_dir(variant), "config.json")):
+        if (folder / marker).is_file():
+            return folder
+    raise ConfigError(f"no trained {variant.upper()} model in {ws.stage_dir(variant)}; run `persllm train "
+                      f"{project.root}` first")
 
 
 def best_variant(project: Project) -> str:

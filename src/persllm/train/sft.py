@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from persllm import dist
 from persllm.config import Project, resolved_dict
 from persllm.decoding import Repetition
 from persllm.errors import DataError
 from persllm.general import GeneralSource
 from persllm.progress import NULL, Progress
-from persllm.train import _model, dist
+from persllm.train import _model
 from persllm.train.data import answer_text, build_sft_records, sample_prompt
 from persllm.types import Message, Sample
 from persllm.workspace import atomic_dir, atomic_path, write_json, write_jsonl
