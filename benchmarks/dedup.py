@@ -59,7 +59,7 @@ def run() -> list[dict]:
     for n in (5_000, 50_000):
         texts = synthetic_questions(n)
         started = time.monotonic()
-        keep, dropped = near_duplicates(texts, threshold=0.8)
+        _, dropped = near_duplicates(texts, threshold=0.8)
         ours = time.monotonic() - started
         base_s, share = greedy_reference(texts)
         estimate = base_s / share  # quadratic work grows faster than this linear extrapolation: a lower bound

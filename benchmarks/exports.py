@@ -127,13 +127,12 @@ def prepare(root: Path) -> tuple[Any, list[dict[str, list[int]]], Path]:
     """The tiny project constructed and exported (all formats), and persllm's own SFT rows (input ids, labels)."""
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import write_project
-    from tiny import build_tiny_model
-
     from persllm import export as exporter
     from persllm.config import load_project
     from persllm.general import load_general
     from persllm.pipeline import build_dpo_pairs, run
     from persllm.workspace import Workspace
+    from tiny import build_tiny_model
 
     os.environ.setdefault("PERSLLM_HOME", str(root / "home"))
     model = build_tiny_model(root / "tiny", bos_on_encode=True)

@@ -204,8 +204,8 @@ def _diff(test: dict[str, Any] | None) -> str:
 
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown table: one row per persona and candidate."""
-    lines = ["| persona | candidate | probes base / SFT / DPO | DPO vs base | DPO vs demo | off-format SFT / DPO "
-             "| ppl base / DPO | smoke SFT / DPO | minutes |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| persona | candidate | probes base / SFT / DPO | DPO vs base | DPO vs demo | off-format SFT / DPO "
+              "| ppl base / DPO | smoke SFT / DPO | minutes |"), "|---|---|---|---|---|---|---|---|---|"]
     for persona, rows in results.items():
         reference = next((r for r in rows if r["candidate"] == "demo"), None)
         for r in rows:

@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 from conftest import MINIMAL_YAML
-
 from persllm.config import Project
 from persllm.ingest import ingest
 from persllm.types import Passage, Sample, to_record
@@ -33,7 +32,8 @@ def samples_for(passages: list[Passage]) -> list[Sample]:
     for stage, label in (("early", "1900"), ("late", "1930")):
         know = [p for p in passages if p.stage == stage and p.kind == "knowledge"]
         style = [p for p in passages if p.stage == stage and p.kind == "style"]
-        def sample(i: int, kind: str, question: str, seed: Passage, split: str, **meta: object) -> Sample:
+        def sample(i: int, kind: str, question: str, seed: Passage, split: str, stage: str = stage, label: str = label,
+                   **meta: object) -> Sample:
             response = re.sub(r"\b(She|she)\b", "I", seed.text)
             return Sample(f"p/{stage}-{kind}-{i}", "test-person", stage, label, kind, question, "analysis",
                           response, seed.id, split=split, meta=dict(meta))

@@ -12,8 +12,8 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from conftest import MINIMAL_YAML, free_port, write_project
 
+from conftest import MINIMAL_YAML, free_port, write_project
 from persllm.dist import ACCELERATE_CONFIGS, accelerate_config
 from persllm.workspace import Workspace, file_sha256
 
@@ -92,7 +92,7 @@ def launch(project_dir: Path, site: Path, *args: str, **env: str) -> subprocess.
                PYTHONPATH=os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path("multi_cpu")),
                "--main_process_port", str(free_port()), "-m", "persllm", "train", str(project_dir), *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
 
 
 def site_dir(root: Path, code: str) -> Path:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, wait_for_http
 
+from conftest import free_port, wait_for_http
 from persllm.arena import ArenaStore, heldout_questions, prepare, standings
 from persllm.arena.app import VOTER_COOKIE, create_arena_app
 from persllm.arena.rank import bradley_terry, standings_csv, votes_csv

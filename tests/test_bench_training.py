@@ -9,7 +9,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from benchmarks import training
 
 FAKE_WORKER = textwrap.dedent("""\

@@ -49,7 +49,7 @@ def test_chat_cli_with_tiny_model(project_dir: Path, tiny_model: Path, tmp_path:
     stdin = f"Hello?\n/stage early\nWho are you?\n/save {transcript}\n/quit\n"
     result = subprocess.run([sys.executable, "-m", "persllm", "chat", str(project_dir), "--model", "base",
                              "--set", f"base_model=hf:{tiny_model}", "--max-tokens", "8"],
-                            input=stdin, capture_output=True, text=True, timeout=300)
+                            input=stdin, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(x) for x in transcript.read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["late", "early"] and all(r["model"] == "base" for r in rows)
@@ -58,7 +58,7 @@ def test_chat_cli_with_tiny_model(project_dir: Path, tiny_model: Path, tmp_path:
 def test_chat_cli_errors(project_dir: Path, tiny_model: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "persllm", "chat", *args], capture_output=True, text=True,
-                              timeout=120, input="")
+                              timeout=120, input="", check=False)
 
     missing = run(str(project_dir.parent / "nope"))
     assert missing.returncode == 1 and "no persona.yaml found" in missing.stderr

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import MINIMAL_YAML, free_port, write_project
 
 
@@ -15,7 +16,7 @@ def persllm(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     """Run the real CLI in a subprocess."""
     env = dict(os.environ, COLUMNS="200")
     return subprocess.run([sys.executable, "-m", "persllm", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=env, check=False)
 
 
 def error_line(result: subprocess.CompletedProcess[str]) -> str:

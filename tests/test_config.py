@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, MINIMAL_YAML, write_project
 
+from conftest import EXAMPLES, MINIMAL_YAML, write_project
 from persllm.config import PRESETS, DPOConfig, load_project, parse_model_spec
 from persllm.errors import ConfigError
 

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import MINIMAL_YAML, write_project
 
+from conftest import MINIMAL_YAML, write_project
 from persllm.config import load_project
 from persllm.errors import ConfigError
 from persllm.pipeline import run

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES
 
+from conftest import EXAMPLES
 from persllm import converse as talk
 from persllm.backends.fake import FakeBackend
 from persllm.cli.use import parse_target

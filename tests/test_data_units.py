@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from pathlib import Path
 
 from conftest import write_project
-
 from persllm import text as T
 from persllm.config import load_project
 from persllm.construct import facts as F
@@ -28,7 +28,7 @@ def test_split_long_keeps_overlap_and_budget() -> None:
     pieces = T.split_long(" ".join(sentences), max_tokens=60, overlap=15)
     assert len(pieces) > 3
     assert all(T.count_tokens(p) <= 60 for p in pieces)
-    for a, b in zip(pieces, pieces[1:]):
+    for a, b in itertools.pairwise(pieces):
         assert T.sentences(a)[-1] in b  # consecutive pieces share at least the last sentence
     chinese = "。".join(["这是关于分析机的一句很长的话" for _ in range(40)]) + "。"
     zh = T.split_long(chinese, max_tokens=50, overlap=10)

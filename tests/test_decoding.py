@@ -100,7 +100,6 @@ def test_llamacpp_processor_matches_penalize() -> None:
 
 def test_project_decoding_settings_are_validated(tmp_path: Path) -> None:
     from conftest import write_project
-
     from persllm.config import load_project
     from persllm.errors import ConfigError
 

@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import free_port, write_project
 from eval_helpers import TINY_YAML, prepare_workspace
-
 from persllm.backends.fake import FakeBackend
 from persllm.config import load_project
 from persllm.errors import BackendError, ConfigError, DataError

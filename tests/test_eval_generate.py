@@ -75,10 +75,9 @@ def test_rag_block_never_contains_held_out_passages(project_dir: Path) -> None:
 
 def test_tuned_peer_adapters_answer_without_retrieval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A peer's SFT/DPO adapter plays the peer with its training prompt: the rag baseline's material stays out."""
-    from conftest import MINIMAL_YAML, write_project
-
     import persllm.backends.hf
     import persllm.variants
+    from conftest import MINIMAL_YAML, write_project
     from persllm.config import ModelSpec, load_project
     from persllm.eval import runner
     from persllm.eval.generate import Decoding, ModelUnderTest
@@ -119,7 +118,6 @@ def test_few_shot_baseline_only_for_base_models_without_a_chat_template_of_their
     from types import SimpleNamespace
 
     from eval_helpers import samples_for
-
     from persllm.config import load_project
     from persllm.eval.generate import FewShot, ModelUnderTest, cut_few_shot, few_shot_examples, few_shot_prompt
     from persllm.eval.runner import few_shot_for

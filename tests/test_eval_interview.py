@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import write_project
 from eval_helpers import TINY_YAML, prepare_workspace
-
 from persllm.backends.base import Completion
 from persllm.backends.fake import FakeBackend
 from persllm.config import load_project

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MINIMAL_YAML, write_project
 
+from conftest import MINIMAL_YAML, write_project
 from persllm.config import load_project
 from persllm.errors import ConfigError
 from persllm.eval import ipip

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import chromium_page, needs_chromium, write_project
 from eval_helpers import TINY_YAML, make_adapter, prepare_workspace
-
 from persllm.backends.fake import FakeBackend
 from persllm.config import load_project
 from persllm.eval import evaluate, headline, summary_rows

@@ -129,9 +129,8 @@ def test_stage_tokens_and_markers_are_declared_for_each_tool(bundle, tmp_path: P
 
 def test_markers_come_from_the_base_tokenizer(tokens_project, tiny_model: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A ChatML base gets ChatML's markers in the template and eot_tokens, not Gemma's."""
-    from tiny import build_tokenizer
-
     from persllm.models import prepare_tokenizer
+    from tiny import build_tokenizer
 
     tokenizer = build_tokenizer(markers=("<|im_start|>", "<|im_end|>"))
     prepare_tokenizer(tokenizer)

@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MINIMAL_YAML, write_project
-from test_train import GENERAL, make_samples
 
+from conftest import MINIMAL_YAML, write_project
 from persllm import template
 from persllm.config import load_project
 from persllm.train.gguf_export import ExportError, export_gguf, export_ggufs
 from persllm.train.merge import best_variant, merge_variant, merged_meta
 from persllm.types import Message, Negative
+from test_train import GENERAL, make_samples
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # module-wide, see conftest
 NEW_TOKENS = 24
@@ -224,7 +224,7 @@ def test_cli_exports_gguf_merged_model_and_modelfile(tuned: Any) -> None:
     project, _ = tuned
     env = dict(os.environ, COLUMNS="200")
     result = subprocess.run([sys.executable, "-m", "persllm", "export", str(project.root), "--gguf", "f16",
-                             "--merged", "--model", "sft"], capture_output=True, text=True, env=env, timeout=300)
+                             "--merged", "--model", "sft"], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     export = project.output / "export"
     gguf_file = export / "gguf" / "test-person-sft-f16.gguf"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import MINIMAL_YAML, free_port, wait_for_http, write_project
 
+from conftest import MINIMAL_YAML, free_port, wait_for_http, write_project
 from persllm.config import load_project
 from persllm.errors import ConfigError, PersllmError
 from persllm.pipeline import run
@@ -46,7 +46,7 @@ def test_sigkill_during_training_resumes_from_checkpoint(project_dir: Path, tiny
     assert not (project_dir / "out" / "sft" / "manifest.json").exists()
     assert not (project_dir / "out" / "sft" / "adapter").exists()
     resumed = subprocess.run(_persllm("train", str(project_dir), "--only", "sft", *args), env=ENV,
-                             capture_output=True, text=True, timeout=600)
+                             capture_output=True, text=True, timeout=600, check=False)
     assert resumed.returncode == 0, resumed.stderr
     stats = json.loads((project_dir / "out" / "sft" / "stats.json").read_text())
     assert stats["resumed_from_step"] >= 5 and stats["steps"] == 40
@@ -185,7 +185,7 @@ def test_huge_single_line_is_split_not_choked_on(tmp_path: Path) -> None:
 
 def test_mixed_encodings_name_the_line(tmp_path: Path) -> None:
     root = write_project(tmp_path / "p")
-    good = "Test Person loved the canal at dawn.\n".encode()
+    good = b"Test Person loved the canal at dawn.\n"
     (root / "early_style.txt").write_bytes(good * 3 + "Caf\xe9 Sacher was her favourite.\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="'early_style.txt' is not valid UTF-8 \\(line 4\\)"):
         load_project(root)

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MINIMAL_YAML, write_project
 
+from conftest import MINIMAL_YAML, write_project
 from persllm import general as general_mod
 from persllm.config import load_project
 from persllm.errors import ConfigError, DataError

@@ -17,8 +17,8 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES
 
+from conftest import EXAMPLES
 from persllm import text as T
 from persllm.backends.fake import FakeBackend
 from persllm.config import load_project

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import chromium_page, needs_chromium, write_project
 
+from conftest import chromium_page, needs_chromium, write_project
 from persllm.cli import main
 from persllm.config import load_project
 from persllm.construct.audit_page import format_figure, meta_extras, pick_samples, render_audit_page

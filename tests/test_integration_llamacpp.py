@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from conftest import free_port, wait_for_http
 
 pytest.importorskip("llama_cpp.server", reason="needs persllm[llamacpp]")
@@ -48,7 +49,7 @@ def test_construct_step_through_the_openai_compatible_backend(llama_server: str,
            "--set", f"teacher=openai:gemma-270m@{llama_server}", "--set", "teacher.concurrency=1",
            "--set", "construct.mode=grounded", "--set", "construct.max_per_stage=4",
            "--set", "construct.questions_per_passage=2", "--set", "construct.general_per_stage=1"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr
     stats = json.loads((out / "construct" / "stats.json").read_text())
     usage = stats["teacher_usage"]

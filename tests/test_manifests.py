@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_project
 
+from conftest import write_project
 from persllm import pipeline
 from persllm.config import load_project
 from persllm.errors import DataError

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import KNOWLEDGE, STYLE, write_project
 
+from conftest import KNOWLEDGE, STYLE, write_project
 from persllm.backends.fakeserver import FakeServer
 
 THIRD = {
@@ -52,7 +52,7 @@ def persllm_run(root: Path, url: str, model: Path, *extra: str) -> subprocess.Co
     args = [f"teacher=openai:scripted@{url}", f"base_model=hf:{model}", *SMALL, *extra]
     sets = [a for s in args for a in ("--set", s)]
     result = subprocess.run([sys.executable, "-m", "persllm", "run", str(root), *sets], capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -104,7 +104,7 @@ def test_eval_of_the_base_model_needs_no_training(tmp_path: Path, tiny_model: Pa
         sets = [a for s in [f"teacher=openai:scripted@{server.url}", f"base_model=hf:{tiny_model}", *SMALL]
                 for a in ("--set", s)]
         result = subprocess.run([sys.executable, "-m", "persllm", "eval", str(root), "--models", "base,rag", *sets],
-                                capture_output=True, text=True, timeout=600)
+                                capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(status(result.stderr)) == {"ingest", "construct", "eval"}
     assert not (root / "out" / "sft").exists()

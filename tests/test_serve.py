@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import MINIMAL_YAML, free_port, wait_for_http, write_project
 
+from conftest import MINIMAL_YAML, free_port, wait_for_http, write_project
 from persllm import variants
 from persllm.backends.base import Completion, GenParams, Request, Result, Usage, sequential_many
 from persllm.backends.fake import FakeBackend

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import write_project
 from transformers import TrainerCallback
 
+from conftest import write_project
 from persllm import template
 from persllm.config import load_project
 from persllm.errors import ConfigError, PersllmError

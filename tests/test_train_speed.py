@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import torch
-from test_train import GENERAL, CrashAt, make_project, make_samples
 
 from persllm.train import _model
 from persllm.train.sft import LengthGroupedBatches, prepare_sft, row_lengths
+from test_train import GENERAL, CrashAt, make_project, make_samples
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # module-wide, see conftest
 ALL = ("log_probs", "entropy", "mean_logits", "is_top1")

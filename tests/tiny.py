@@ -32,8 +32,8 @@ _SENTENCES = [
     "[Analysis] This is an opinion about machines; I speak in my own voice and stay honest.",
     "[Response] A machine is honest: it either works or it fails, and that is why I love it.",
     "You are {name}. It is {year}. A young engineer in {place}.",
-    "Stay in character: answer as {name} would at this time, in {name}'s own voice, "
-    "knowing only what {name} knows by then.",
+    ("Stay in character: answer as {name} would at this time, in {name}'s own voice, "
+     "knowing only what {name} knows by then."),
     "Point out false premises and do not pretend to know later events.",
     "Think first in [Analysis], then answer in [Response].",
     "The oceans are important because they regulate the climate and feed billions of people.",

@@ -23,7 +23,6 @@ from persllm.progress import NULL, Progress
 from persllm.types import PreferencePair, Sample, to_record
 from persllm.workspace import STAGES, UPSTREAM, Workspace, fingerprint, write_jsonl, write_yaml
 
-
 DISTRIBUTED_STAGES = ("sft", "dpo")  # stages every rank of a multi-process launch runs together
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from types import TracebackType
+from typing import Self
 
 log = logging.getLogger("persllm")
 
@@ -20,7 +21,7 @@ class Task:
     def close(self) -> None:
         """The task is over."""
 
-    def __enter__(self) -> Task:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

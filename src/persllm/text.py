@@ -14,11 +14,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?。！？])[\"'”’)）]*\s+|(?<=[。！�
 _LEADING_TAG = re.compile(r"^\s*(?:【[^】]*】)+\s*")  # the reference data's optional 【tag】 prefix
 
 STOPWORDS_EN = frozenset(
-    "a an the and or but if of to in on at by for with from as is was were be been being are am it its this that "
-    "these those he she they we i you his her their our my your me him them us who whom which what when where why "
-    "how not no so than then there here very can could would should will shall may might must do did does done have "
-    "has had having into onto about over under after before during while because also just only more most such "
-    "some any all each other both own same too again further once up down out off".split())
+    ["a", "an", "the", "and", "or", "but", "if", "of", "to", "in", "on", "at", "by", "for", "with", "from", "as", "is", "was", "were", "be", "been", "being", "are", "am", "it", "its", "this", "that", "these", "those", "he", "she", "they", "we", "i", "you", "his", "her", "their", "our", "my", "your", "me", "him", "them", "us", "who", "whom", "which", "what", "when", "where", "why", "how", "not", "no", "so", "than", "then", "there", "here", "very", "can", "could", "would", "should", "will", "shall", "may", "might", "must", "do", "did", "does", "done", "have", "has", "had", "having", "into", "onto", "about", "over", "under", "after", "before", "during", "while", "because", "also", "just", "only", "more", "most", "such", "some", "any", "all", "each", "other", "both", "own", "same", "too", "again", "further", "once", "up", "down", "out", "off"])
 
 
 def tokens(text: str) -> list[str]:

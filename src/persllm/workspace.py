@@ -426,11 +426,10 @@ def _io_error(path: Path, exc: OSError) -> PersllmError:
 
 def write_text(path: Path, text: str) -> None:
     """Write a text file atomically (readers never see half a file)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -446,13 +445,12 @@ def write_yaml(path: Path, data: Any) -> None:
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
     """Write records as JSON lines atomically; return how many were written."""
     count = 0
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for record in records:
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-                count += 1
-            fh.flush()
-            os.fsync(fh.fileno())
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+        fh.flush()
+        os.fsync(fh.fileno())
     return count
 
 

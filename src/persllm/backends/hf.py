@@ -115,7 +115,7 @@ class HFBackend:
                     if params.seed is not None:
                         torch.manual_seed(params.seed)  # sampled streams are reproducible like complete()
                     self.model.generate(**kwargs)
-            except BaseException as exc:  # surfaced to the caller below
+            except BaseException as exc:  # noqa: BLE001 - surfaced to the caller below
                 errors.append(exc)
                 streamer.end()
 

@@ -159,7 +159,7 @@ class LlamaCpp:
             self._llm = None
 
     def _call(self, request: Request, params: GenParams, stream: bool, cancel: threading.Event | None = None) -> Any:
-        kwargs: dict[str, Any] = dict(max_tokens=params.max_tokens, temperature=params.temperature,
+        kwargs: dict[str, Any] = dict(max_tokens=params.max_tokens, temperature=params.temperature,  # noqa: C408
                                       top_p=params.top_p, stop=list(params.stop), stream=stream,
                                       seed=params.seed if params.seed is not None else -1,
                                       repeat_penalty=1.0)  # llama.cpp's own (prompt-counting) penalty is off

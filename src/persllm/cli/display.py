@@ -8,12 +8,19 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBars, SpinnerColumn, TextColumn, \
-    TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as RichBars
 from rich.table import Table
 
 from persllm.progress import Progress, Task
@@ -46,7 +53,7 @@ class BarProgress(Progress):
                              MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                              console=console, transient=False)
 
-    def __enter__(self) -> BarProgress:
+    def __enter__(self) -> Self:
         self.bars.start()
         return self
 

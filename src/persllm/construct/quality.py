@@ -21,12 +21,7 @@ REUSE_LIMIT = 3
 
 # Words that frame a question rather than name its topic ("Tell me about X", "What do you remember of X?").
 _FRAME_EN = frozenset(
-    "tell remember think thought feel felt like look looking back mean meant matter matters know knew say said "
-    "things thing something anything time times life days day really truly honestly please think believe "
-    "people everyone everybody someone somebody used ever happened happen make made come came give gave "
-    "describe explain talk speak part good bad great much many often well still quite just yes "
-    "agree disagree sure convinced view views opinion frankly bring brought change changed changes happened "
-    "happens mean means meant".split())
+    ["tell", "remember", "think", "thought", "feel", "felt", "like", "look", "looking", "back", "mean", "meant", "matter", "matters", "know", "knew", "say", "said", "things", "thing", "something", "anything", "time", "times", "life", "days", "day", "really", "truly", "honestly", "please", "think", "believe", "people", "everyone", "everybody", "someone", "somebody", "used", "ever", "happened", "happen", "make", "made", "come", "came", "give", "gave", "describe", "explain", "talk", "speak", "part", "good", "bad", "great", "much", "many", "often", "well", "still", "quite", "just", "yes", "agree", "disagree", "sure", "convinced", "view", "views", "opinion", "frankly", "bring", "brought", "change", "changed", "changes", "happened", "happens", "mean", "means", "meant"])
 _FRAME_ZH = frozenset("你我他她的了吗呢吧啊是在有和也就都还这那什么怎么为何为什么觉得认为说讲记得看法想")
 
 # English person-rewrite errors: each pattern is a construction a first-person rewrite must never produce.

@@ -17,6 +17,7 @@ from typing import Any
 from persllm import template
 from persllm.backends import Backend
 from persllm.config import Project, resolved_dict
+from persllm.decoding import SMALL_MODEL_REPETITION
 from persllm.errors import ConfigError, DataError, PersllmError
 from persllm.eval import interview as interviews
 from persllm.eval import ipip
@@ -33,7 +34,6 @@ from persllm.eval.report_text import headline, stats, summary_rows
 from persllm.eval.runner import ModelRun, Opener, Plan, load_peers, run_models
 from persllm.progress import NULL, Progress
 from persllm.types import Passage, Sample, to_record
-from persllm.decoding import SMALL_MODEL_REPETITION
 from persllm.variants import TUNED, open_variant
 from persllm.workspace import Workspace, file_sha256, write_json, write_jsonl, write_text
 
@@ -189,9 +189,9 @@ def _words(samples: Sequence[Sample], passages: Sequence[Passage], limit: int) -
     style = {p.id: p for p in passages if p.kind == "style"}
     chosen: dict[str, tuple[Sample, Passage]] = {}
     for s in samples:
-        if s.split == "test" and s.seed_id in style and s.seed_id not in chosen and s.kind != "general":
-            if sum(1 for c, _ in chosen.values() if c.stage == s.stage) < max(1, limit):
-                chosen[s.seed_id] = (s, style[s.seed_id])
+        fresh = s.split == "test" and s.seed_id in style and s.seed_id not in chosen and s.kind != "general"
+        if fresh and sum(1 for c, _ in chosen.values() if c.stage == s.stage) < max(1, limit):
+            chosen[s.seed_id] = (s, style[s.seed_id])
     return list(chosen.values())
 
 
@@ -280,7 +280,7 @@ def _embedder(project: Project) -> tuple[Embed | None, str | None]:
         model = SentenceTransformer(name)
     except ImportError:
         return None, f"eval.embedding_model {name!r} needs sentence-transformers: pip install sentence-transformers"
-    except Exception as exc:  # a model that cannot be loaded only costs this one measure
+    except Exception as exc:  # noqa: BLE001 - a model that cannot be loaded only costs this one measure
         return None, f"embedding model {name!r} could not be loaded: {str(exc)[:200]}"
     return (lambda texts: model.encode(texts, normalize_embeddings=True).tolist()), None
 

@@ -31,8 +31,8 @@ def bar_chart(title: str, categories: Sequence[str], series: dict[str, Sequence[
     highs = [hi for ivs in (intervals or {}).values() for iv in ivs if iv is not None for hi in iv[1:]]
     top_value = ymax if ymax is not None else max(values + highs + [1e-9]) * 1.1
     scale = plot_h / top_value if top_value > 0 else 0.0
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
-             f'height="{height}" role="img" aria-label="{escape(title)}">',
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
+              f'height="{height}" role="img" aria-label="{escape(title)}">'),
              f'<text x="{left}" y="16" {_FONT} font-size="13" font-weight="600">{escape(title)}</text>']
     for k in range(5):  # horizontal grid with labels
         y = top + plot_h - plot_h * k / 4
@@ -78,8 +78,8 @@ def radar_chart(title: str, axes: Sequence[str], series: dict[str, Sequence[floa
         r = radius * (min(max(value, low), high) - low) / (high - low)
         return cx + r * math.cos(angle), cy + r * math.sin(angle)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {size} {height}" width="{size}" '
-             f'height="{height}" role="img" aria-label="{escape(title)}">',
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {size} {height}" width="{size}" '
+              f'height="{height}" role="img" aria-label="{escape(title)}">'),
              f'<text x="8" y="16" {_FONT} font-size="13" font-weight="600">{escape(title)}</text>']
     for ring in range(1, 5):
         level = low + (high - low) * ring / 4

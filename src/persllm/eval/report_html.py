@@ -28,8 +28,8 @@ def render_html(report: dict[str, Any]) -> str:
     models = [m["name"] for m in report["models"]]
     palette = charts.colors(models + ["target"])
     body = [f"<h1>Evaluation of {escape(report['persona'])}</h1>",
-            f"<p class='note'>persllm {escape(report['persllm_version'])} · {escape(report['created'])} · preset "
-            f"{escape(report['preset'])} · models: {escape(', '.join(models))}</p>",
+            (f"<p class='note'>persllm {escape(report['persllm_version'])} · {escape(report['created'])} · preset "
+             f"{escape(report['preset'])} · models: {escape(', '.join(models))}</p>"),
             "<nav>" + "".join(f"<a href='#{k}'>{escape(v)}</a>" for k, v in SECTIONS) + "</nav>",
             _setup(report), *(_section(c.anchor, c.title, c.html(report, models, palette)) for c in CRITERIA)]
     return ("<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><link rel='icon' href='data:,'>"

@@ -23,7 +23,7 @@ from persllm.serve.responses import complete, events
 from persllm.variants import backend_key
 
 
-def create_app(projects: Sequence[Project | Served], api_keys: Sequence[str] = (), limits: Limits = Limits(),  # noqa: B008 (frozen)
+def create_app(projects: Sequence[Project | Served], api_keys: Sequence[str] = (), limits: Limits = Limits(),
                max_loaded: int = 2, opener: Opener | None = None) -> Any:
     """The FastAPI app serving the projects' personas (ids, prompts and limits: see the module docstring).
 

@@ -87,7 +87,7 @@ def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise ValueError("message content must be a string or a list of text parts")
+        raise ValueError("message content must be a string or a list of text parts")  # noqa: TRY004 - a 400
     parts = []
     for part in content:
         if not isinstance(part, dict) or part.get("type") != "text":

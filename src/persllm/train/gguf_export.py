@@ -223,7 +223,7 @@ def plan_tensors(merged_dir: Path, params: Gemma3Params) -> list[TensorPlan]:
     plans = []
     for path in files:
         with safe_open(str(path), "pt") as fh:
-            for hf_name in fh.keys():
+            for hf_name in fh.keys():  # noqa: SIM118 - safetensors handles are not iterable
                 if hf_name.startswith("lm_head.") and params.tied:
                     continue
                 gguf_name = "output.weight" if hf_name == "lm_head.weight" else names.get_name(
