@@ -23,8 +23,9 @@ from persllm.workspace import apply_umask, atomic_dir
 log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "gemma-3-270m-q4_k_m"
-# Bump when the conversion or the template changes, so stale caches are rebuilt instead of reused.
-CACHE_VERSION = "2"
+# Bump when the conversion changes, so stale caches are rebuilt instead of reused. Both caches carry persllm's chat
+# template, so its version is part of their names (_cache_name): a template change rebuilds them by itself.
+CACHE_VERSION = "1"
 
 
 def persllm_home() -> Path:
@@ -58,9 +59,14 @@ def embedded_gguf() -> Path:
     return target
 
 
+def _cache_name(kind: str) -> str:
+    """Name of a cached copy of the embedded model: its kind, the conversion's version and the template's."""
+    return f"{EMBEDDED_NAME}-{kind}-v{CACHE_VERSION}-t{template.VERSION}"
+
+
 def embedded_chat_gguf() -> Path:
     """The embedded GGUF with persllm's chat template written into its metadata."""
-    target = _models_dir() / f"{EMBEDDED_NAME}-persllm-v{CACHE_VERSION}.gguf"
+    target = _models_dir() / f"{_cache_name('persllm')}.gguf"
     with FileLock(str(target) + ".lock"):
         if not target.exists():
             source = embedded_gguf()
@@ -105,7 +111,7 @@ class _NoBar:
 
 def embedded_hf_dir() -> Path:
     """A transformers checkpoint (safetensors + tokenizer with persllm's template) converted from the GGUF."""
-    target = _models_dir() / f"{EMBEDDED_NAME}-hf-v{CACHE_VERSION}"
+    target = _models_dir() / _cache_name("hf")
     with FileLock(str(target) + ".lock"):
         if not (target / "config.json").exists():
             source = embedded_gguf()
