@@ -182,3 +182,38 @@ def test_training_material_is_not_probed_as_held_out(project_dir: Path) -> None:
     assert held
     assert not [p for p in held if p.meta["origin"].split()[2] in trained]
     assert all("telephone" not in p.question for p in probes if p.kind == "future")  # a training question's thing
+
+
+def test_trained_facts_come_first_and_only_those_training_stated() -> None:
+    from persllm.types import Sample
+
+    project = load_project(REPO / "examples" / "ada-lovelace")
+    passages, _ = ingest(project)
+    know = [p for p in passages if p.kind == "knowledge" and p.stage == project.stages[0].id]
+    from persllm.eval.default_probes import _grams
+
+    taught = know[0]
+    silent = next(p for p in know[1:] if not _grams(p.text, 6) & _grams(taught.text, 6))  # shares no text with it
+
+    def trained(i: int, seed: Any, response: str) -> Sample:
+        return Sample(f"s{i}", project.name, seed.stage, "x", "ordinary", f"Question {i}?", "", response, seed.id,
+                      split="train")
+
+    samples = [trained(0, taught, taught.text)]
+    probes = default_probes(project, samples, passages, limit=1000)
+    from_training = [p for p in probes if p.meta["origin"].startswith("trained passage")]
+    assert taught.id in {p.meta["origin"].split()[2] for p in from_training}  # (and passages its answer quotes)
+    quiet = default_probes(project, [trained(1, silent, "I would rather not speak of it.")], passages, limit=1000)
+    assert not [p for p in quiet if p.meta["origin"].startswith("trained")]  # trained on, but no answer states facts
+    assert not [p for p in quiet if silent.id in p.meta["origin"]]  # nor is it held out
+    for probe in from_training:  # the evidence is what the training answer said
+        facts = probe.expect_groups[-1 if probe.kind == "induction" else 0]  # induction: (correction, truth)
+        assert any(term.lower() in taught.text.lower() for term in facts), probe
+    knowledge = [p for p in probes if p.kind == "knowledge"]
+    assert knowledge[0].meta["origin"].startswith("trained passage")
+    assert all(p.only_years is not None and p.only_years for p in knowledge)  # the stage's year at least
+    year = next(iter(knowledge[0].only_years or ()))
+    made_up = next(y for y in range(1700, 1900) if y not in (knowledge[0].only_years or ()))
+    answer = f"Well, {knowledge[0].expect_groups[0][0]}, as I recall"
+    assert score_probe(knowledge[0], f"{answer}, in {year}.").passed
+    assert not score_probe(knowledge[0], f"{answer}, in {made_up}.").passed

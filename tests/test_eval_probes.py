@@ -93,6 +93,16 @@ def test_phrase_rules_any_all_none() -> None:
     assert score_probe(groups, "I moved from Graz in 1896.").passed
 
 
+def test_only_years_fails_a_made_up_date() -> None:
+    dated = Probe("p", "knowledge", "early", "What happened in 1896?", expect_groups=(("Graz",),),
+                  only_years=(1878, 1890))
+    assert score_probe(dated, "I came to Graz in 1890.").passed
+    assert score_probe(dated, "Graz, in 1896, as you say.").passed  # the question's own year
+    failed = score_probe(dated, "I married in Graz in 1884.")
+    assert not failed.passed and any("1884, a year its source does not give" in r for r in failed.reasons)
+    assert score_probe(Probe("q", "knowledge", "early", "Q?", expect_groups=(("Graz",),)), "Graz in 1884.").passed
+
+
 def test_phrases_match_whole_words_case_insensitively_and_cjk_substrings() -> None:
     assert not contains("He said so.", "AI")
     assert contains("I am an AI, I admit.", "i am an ai")
@@ -130,6 +140,11 @@ def test_groups_and_years_round_trip_through_the_file_format(tmp_path: Path) -> 
         load_probes(path, STAGES)
     assert ":2: 'expect_groups' must be a list of non-empty lists" in str(info.value)
     assert ":3: 'reject_years_after' must be a year" in str(info.value)
+    with pytest.raises(DataError, match="'only_years' must be a list of years"):
+        load_probes(write(tmp_path, [good(only_years=["1900"])]), STAGES)
+    dated = load_probes(write(tmp_path, [good(only_years=[1878, 1890])]), STAGES)[0]
+    assert dated.only_years == (1878, 1890)
+    assert load_probes(write(tmp_path, [json.dumps(probe_to_json(dated))]), STAGES)[0] == dated
     path = write(tmp_path, [good(expect_any=[], expect_groups=[["Graz"], ["I", "my"]], reject_years_after=1900)])
     loaded = load_probes(path, STAGES)[0]
     assert loaded.expect_groups == (("Graz",), ("I", "my")) and loaded.reject_years_after == 1900

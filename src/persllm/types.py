@@ -102,7 +102,8 @@ class PreferencePair:
 @dataclass(frozen=True, slots=True)
 class Probe:
     """An evaluation probe scored by phrase rules (docs/probes.md): any expect_any, all expect_all, one phrase of
-    every expect_groups group, no reject_any, no year after reject_years_after; garbage answers never pass."""
+    every expect_groups group, no reject_any, no year after reject_years_after, no year outside only_years (when
+    given); garbage answers never pass."""
 
     id: str
     kind: str
@@ -114,6 +115,7 @@ class Probe:
     meta: dict[str, Any] = field(default_factory=dict)
     expect_groups: tuple[tuple[str, ...], ...] = ()
     reject_years_after: int | None = None
+    only_years: tuple[int, ...] | None = None  # the years an answer may name (besides the question's); None: any
 
 
 def stable_id(*parts: object, length: int = 16) -> str:

@@ -1,14 +1,17 @@
-"""The default probe set: eval-only questions about held-out material and eval-only lists, each needing evidence.
+"""The default probe set: eval-only questions about the persona's material and eval-only lists, each needing evidence.
 
-Kinds (docs/probes.md): knowledge (a held-out fact), the four temporal types of TimeChara -- future (after the stage:
-refuse, naming the thing or the time), past_absence (long before the persona's time: say they were not there),
-past_presence (the persona's own held-out past: recount it), past_only (an earlier stage's held-out fact asked at a
-later stage: still known, nothing later mixed in) -- induction (false premises), identity (the persona claims
+Kinds (docs/probes.md): knowledge (a fact of the persona's material), the four temporal types of TimeChara -- future
+(after the stage: refuse, naming the thing or the time), past_absence (long before the persona's time: say they were
+not there), past_presence (a year of the persona's own past: recount it), past_only (an earlier stage's fact asked at
+a later stage: still known, nothing later mixed in) -- induction (false premises), identity (the persona claims
 their own name, in the first person, and admits no AI) and stance (agree or disagree with one of the persona's
-held-out views). Every probe needs positive evidence (expect_groups), and probes.garbage fails empty, looping,
-echoing and assistant-like answers on every probe. Question wordings and phrase lists are this module's own and
-share no template with construction (tests/test_eval_defaults.py checks), so a tuned model cannot pass by
-reciting a training answer to a training question.
+held-out views). Facts come first from the material training taught (a training answer states the fact with its
+topic: what a tuned model had the chance to learn; a fact no training answer states can be known only by
+retrieval), then from held-out material; a fact's probe fails an answer that names a year its source does not give.
+Every probe needs positive evidence (expect_groups), and probes.garbage fails empty, looping, echoing and
+assistant-like answers on every probe. Question wordings and phrase lists are this module's own and share no
+template with construction (tests/test_eval_defaults.py checks), so a tuned model cannot pass by reciting a training
+answer to a training question: it must know the fact when asked in other words.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ PHRASES: dict[str, dict[str, list[str]]] = {
         "time": ["my time", "my day", "my age", "our time", "our day", "this age", "this century", "these days"],
         "describes_later": ["i use", "i used", "i have used", "i've used", "i own", "i bought", "changed my life",
                             "every day", "was invented", "invented by", "was discovered", "discovered by",
+                            "first described", "was developed", "were developed",
                             "i remember when it", "i was there when"],
         "absent": ["was not there", "wasn't there", "was never there", "were not there", "not present",
                    "before my time", "before i was born", "long before", "never saw", "did not see", "didn't see",
@@ -157,6 +161,8 @@ class Sources:
     project: Project
     lang: str
     ref: F.PersonaRef
+    taught: list[Passage]  # knowledge passages training answers drew on
+    taught_answers: dict[str, list[str]]  # stage -> its training answers: what a tuned model was taught to say
     held: list[Passage]  # knowledge passages no training answer drew on (test seeds first)
     held_style: list[Passage]  # passages of the persona's own words no training answer drew on
     material: dict[str, str]  # stage -> all its material, for skipping things the persona knows of
@@ -173,6 +179,9 @@ def default_probes(project: Project, samples: Sequence[Sample], passages: Sequen
     src = Sources(
         project=project, lang=lang,
         ref=F.persona_ref(project.name, lang, [p.text for p in passages if p.kind == "knowledge"], project.aliases),
+        taught=[p for p in passages if p.kind == "knowledge" and p.id not in seeds and p.id not in unused],
+        taught_answers={s.id: [x.response for x in samples if x.split == "train" and x.stage == s.id]
+                        for s in project.stages},
         held=[p for p in passages if p.kind == "knowledge" and p.id in seeds]
         + [p for p in passages if p.kind == "knowledge" and p.id not in seeds and p.id in unused],
         held_style=[p for p in passages if p.kind == "style" and (p.id in seeds or p.id in unused)],
@@ -200,10 +209,12 @@ def _grams(text: str, n: int) -> set[tuple[str, ...]]:
 
 
 def _probe(kind: str, stage: str, question: str, origin: str, groups: Sequence[Sequence[str]], *,
-           reject: Sequence[str] = (), after: int | None = None, **meta: Any) -> Probe:
+           reject: Sequence[str] = (), after: int | None = None, only_years: tuple[int, ...] | None = None,
+           **meta: Any) -> Probe:
     return Probe(id=f"{kind}-{stable_id(kind, stage, question, length=10)}", kind=kind, stage=stage,
                  question=question, reject_any=tuple(dict.fromkeys(reject)), meta={"origin": origin, **meta},
-                 expect_groups=tuple(tuple(dict.fromkeys(g)) for g in groups), reject_years_after=after)
+                 expect_groups=tuple(tuple(dict.fromkeys(g)) for g in groups), reject_years_after=after,
+                 only_years=only_years)
 
 
 def _year(src: Sources, stage: str) -> int | None:
@@ -225,7 +236,7 @@ def _fill(src: Sources, key: str, index: int, **values: str) -> str:
 # -- knowledge and the persona's past -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Fact:
-    """A held-out sentence with what an answer about it must mention."""
+    """A sentence of the material with what an answer about it must mention."""
 
     passage: Passage
     sentence: str
@@ -234,7 +245,7 @@ class Fact:
 
 
 def _facts(src: Sources, passage: Passage) -> list[Fact]:
-    """Every sentence of a held-out passage naming something, with evidence terms the question does not give away."""
+    """Every sentence of a passage naming something, with evidence terms the question does not give away."""
     sentences = T.sentences(passage.text)
     out = []
     for i, sentence in enumerate(sentences):
@@ -251,24 +262,72 @@ def _facts(src: Sources, passage: Passage) -> list[Fact]:
     return out
 
 
-def _knowledge(src: Sources) -> list[Probe]:
-    """A held-out fact: the answer must name something of it that neither the question nor the prompt names."""
+def _taught_facts(src: Sources, passage: Passage) -> list[Fact]:
+    """The facts of a trained passage whose evidence a training answer states together with the fact's topic."""
+    answers = src.taught_answers.get(passage.stage, [])
     out = []
-    for n, passage in enumerate(src.held):
-        for k, fact in enumerate(_facts(src, passage)[:2]):
+    for fact in _facts(src, passage):
+        keys = _topic_keys(fact.topic, src.lang)
+        told = [a for a in answers if any(_in(k, a) for k in keys)]
+        terms = [t for t in fact.terms if any(_in(t, a) for a in told)]
+        if terms:
+            out.append(Fact(fact.passage, fact.sentence, fact.topic, terms))
+    return out
+
+
+def _topic_keys(topic: str, lang: str) -> list[str]:
+    """Ways an answer names a topic: 'Charles Babbage' -> itself, 'Charles', 'Babbage'."""
+    if lang == "zh":
+        return [topic]
+    return [topic] + [w for w in re.findall(r"[A-Z][\w\-]+", topic) if len(w) > 2 and w.lower() not in T.STOPWORDS_EN]
+
+
+def _known_years(src: Sources, fact: Fact, stage: str) -> tuple[int, ...]:
+    """Years an answer about a fact may name: its passage's, those the material up to `stage` gives with its
+    topic, and the stages' own; any other year is a date the answer made up."""
+    order = [s.id for s in src.project.stages]
+    upto = order[: order.index(stage) + 1]
+    keys = _topic_keys(fact.topic, src.lang)
+    text = "\n".join(src.material[s] for s in upto)
+    near = [x for x in T.sentences(text) if any(_in(k, x) for k in keys)]
+    years = F.years(fact.passage.text) + [y for x in near for y in F.years(x)]
+    years += [str(y) for s in upto if (y := _year(src, s)) is not None]
+    return tuple(sorted({int(y) for y in years}))
+
+
+def _origins(src: Sources) -> list[tuple[str, Passage, list[str] | None]]:
+    """(origin, passage, its stage's training answers or None when held out): trained passages first, since
+    their facts are what a tuned model could know; then held-out ones."""
+    return [(f"trained passage {p.id}", p, src.taught_answers.get(p.stage, [])) for p in src.taught] + \
+        [(f"held-out passage {p.id}", p, None) for p in src.held]
+
+
+def _fact_sources(src: Sources) -> list[tuple[str, Passage, list[Fact]]]:
+    """(origin, passage, facts) in `_origins` order; a trained passage's facts are those training answers state."""
+    return [(origin, p, _facts(src, p) if answers is None else _taught_facts(src, p))
+            for origin, p, answers in _origins(src)]
+
+
+def _knowledge(src: Sources) -> list[Probe]:
+    """A fact of the material: the answer must name something of it that neither the question nor the prompt
+    names, and no year its source does not give."""
+    out = []
+    for n, (origin, passage, facts) in enumerate(_fact_sources(src)):
+        for k, fact in enumerate(facts[:2]):
             question = _fill(src, "knowledge", n + k, topic=fact.topic)
             terms = [t for t in fact.terms if not _in(t, question)]
             if terms:
-                out.append(_probe("knowledge", passage.stage, question, f"held-out passage {passage.id}", [terms],
-                                  reference=fact.sentence))
+                out.append(_probe("knowledge", passage.stage, question, origin, [terms], reference=fact.sentence,
+                                  only_years=_known_years(src, fact, passage.stage)))
     return out
 
 
 def _past_presence(src: Sources) -> list[Probe]:
-    """A year of the persona's held-out past: they recount it in the first person, with its names."""
+    """A year of the persona's past: they recount it in the first person, with its names (trained years first,
+    whose names a training answer gives with the year)."""
     out = []
     fp = PHRASES[src.lang]["first_person"]
-    for n, passage in enumerate(src.held):
+    for n, (origin, passage, answers) in enumerate(_origins(src)):
         stage_year = _year(src, passage.stage)
         for sentence in T.sentences(passage.text):
             years = [y for y in F.years(sentence) if stage_year is None or int(y) <= stage_year]
@@ -278,27 +337,32 @@ def _past_presence(src: Sources) -> list[Probe]:
             terms = [e for e in F.entities(sentence, src.ref) if _named(e, sentence)] + \
                 [y for y in F.years(sentence) if y != years[0]]
             terms = [t for t in terms if not _in(t, question) and not _in(t, src.prompts[passage.stage])][:6]
+            if answers is not None:  # trained: only what a training answer says with that year
+                told = [a for a in answers if years[0] in a]
+                terms = [t for t in terms if any(_in(t, a) for a in told)]
             if terms:
-                out.append(_probe("past_presence", passage.stage, question, f"held-out passage {passage.id}",
-                                  [terms, fp], reject=PHRASES[src.lang]["absent"], reference=sentence))
+                known = F.years(passage.text) + [str(y) for y in [stage_year] if y is not None]
+                out.append(_probe("past_presence", passage.stage, question, origin,
+                                  [terms, fp], reject=PHRASES[src.lang]["absent"], reference=sentence,
+                                  only_years=tuple(sorted({int(y) for y in known}))))
                 break
     return out
 
 
 def _past_only(src: Sources) -> list[Probe]:
-    """An earlier stage's held-out fact asked at a later stage: still known, and nothing after the later stage."""
+    """An earlier stage's fact asked at a later stage: still known, and nothing after the later stage."""
     order = [s.id for s in src.project.stages]
     out = []
-    for n, passage in enumerate(src.held):
+    for n, (origin, passage, facts) in enumerate(_fact_sources(src)):
         later = order[order.index(passage.stage) + 1:]
         for k, stage in enumerate(later[:1]):
-            for fact in _facts(src, passage)[:1]:
+            for fact in facts[:1]:
                 question = _fill(src, "past_only", n + k, topic=fact.topic)
                 terms = [t for t in fact.terms if not _in(t, question) and not _in(t, src.prompts[stage])]
                 if terms:
-                    out.append(_probe("past_only", stage, question, f"held-out passage {passage.id} "
-                                      f"({passage.stage})", [terms], after=_year(src, stage),
-                                      reference=fact.sentence, from_stage=passage.stage))
+                    out.append(_probe("past_only", stage, question, f"{origin} ({passage.stage})", [terms],
+                                      after=_year(src, stage), reference=fact.sentence, from_stage=passage.stage,
+                                      only_years=_known_years(src, fact, stage)))
     return out
 
 
@@ -363,20 +427,22 @@ def _past_absence(src: Sources) -> list[Probe]:
 
 # -- induction, identity, stance ----------------------------------------------------------------------------------
 def _induction(src: Sources, passages: Sequence[Passage], rng: random.Random) -> list[Probe]:
-    """A changed fact of a held-out passage (the answer must give the truth), or an experience never had."""
+    """A changed fact of the material (the answer must give the truth), or an experience never had."""
     phrases = PHRASES[src.lang]
     out = []
     entities = [e for p in passages if p.kind == "knowledge" for e in F.entities(p.text, src.ref)]
-    for n, passage in enumerate(src.held):
+    for n, (origin, passage, answers) in enumerate(_origins(src)):
         for sentence in T.sentences(passage.text):
             premise = F.perturb(sentence, src.ref, entities, rng)
             if premise is None or _in(premise.truth, src.prompts[passage.stage]):
                 continue  # a truth the prompt states ("1835") is no evidence of knowing the fact
+            if answers is not None and not any(_in(premise.truth, a) for a in answers):
+                continue  # a trained passage's truth no training answer gives: not something it was taught
             false_you = F.lower_first(F.convert_person(premise.false_sentence, src.ref, "second")).rstrip(".。")
             if F.mentions_persona(false_you, src.ref):
                 continue
             question = _fill(src, "wrong_fact", n, false=false_you)
-            out.append(_probe("induction", passage.stage, question, f"held-out passage {passage.id}",
+            out.append(_probe("induction", passage.stage, question, origin,
                               [phrases["correction"], [premise.truth]], reject=phrases["accept"],
                               premise="wrong_fact", truth=premise.truth, false_value=premise.false_value,
                               reference=sentence))

@@ -2,8 +2,8 @@
 
 A probe passes when the answer is not garbage (empty, repeating itself, echoing the question or the system prompt,
 or a generic assistant reply) and contains at least one `expect_any` phrase (if any are given), every `expect_all`
-phrase, one phrase of every `expect_groups` group, no `reject_any` phrase and no year after `reject_years_after`.
-Phrases match case-insensitively on whole words for Latin text ('AI' does not match 'said'); in CJK text any
+phrase, one phrase of every `expect_groups` group, no `reject_any` phrase, no year after `reject_years_after` and,
+when `only_years` is given, no year outside it (an invented date). Phrases match case-insensitively on whole words for Latin text ('AI' does not match 'said'); in CJK text any
 substring matches. The format is documented in docs/probes.md.
 """
 
@@ -24,7 +24,7 @@ from persllm.errors import DataError
 from persllm.types import Probe
 
 FIELDS = ("id", "kind", "stage", "question", "expect_any", "expect_all", "expect_groups", "reject_any",
-          "reject_years_after", "reference", "meta")
+          "reject_years_after", "only_years", "reference", "meta")
 RULES = ("expect_any", "expect_all", "reject_any")  # lists of phrases
 # Said by assistants, never by a person in character: an answer containing one of these is garbage for every probe.
 GENERIC_ASSISTANT = (
@@ -132,6 +132,10 @@ def _check(data: Any, stages: Sequence[str]) -> list[str]:
     after = data.get("reject_years_after")
     if after is not None and (isinstance(after, bool) or not isinstance(after, int)):
         errors.append("'reject_years_after' must be a year (an integer), e.g. 1843")
+    only = data.get("only_years")
+    if only is not None and (not isinstance(only, list)
+                             or not all(isinstance(y, int) and not isinstance(y, bool) for y in only)):
+        errors.append("'only_years' must be a list of years (integers), e.g. [1833, 1835]")
     if "reference" in data and not isinstance(data["reference"], str):
         errors.append("'reference' must be a string")
     if "meta" in data and not isinstance(data["meta"], dict):
@@ -151,7 +155,8 @@ def probe_from_json(data: dict[str, Any], stages: Sequence[str]) -> Probe:
                  expect_any=tuple(data.get("expect_any", [])), expect_all=tuple(data.get("expect_all", [])),
                  reject_any=tuple(data.get("reject_any", [])), meta=meta,
                  expect_groups=tuple(tuple(g) for g in data.get("expect_groups", [])),
-                 reject_years_after=data.get("reject_years_after"))
+                 reject_years_after=data.get("reject_years_after"),
+                 only_years=None if data.get("only_years") is None else tuple(data["only_years"]))
 
 
 def probe_to_json(probe: Probe) -> dict[str, Any]:
@@ -165,6 +170,8 @@ def probe_to_json(probe: Probe) -> dict[str, Any]:
         out["expect_groups"] = [list(g) for g in probe.expect_groups]
     if probe.reject_years_after is not None:
         out["reject_years_after"] = probe.reject_years_after
+    if probe.only_years is not None:
+        out["only_years"] = list(probe.only_years)
     if probe.meta.get("reference"):
         out["reference"] = probe.meta["reference"]
     if meta:
@@ -210,11 +217,16 @@ def score_probe(probe: Probe, answer: str, system_prompt: str = "", description:
     hits = [p for p in probe.reject_any if contains(answer, p)]
     if hits:
         reasons.append("contains rejected: " + ", ".join(repr(p) for p in hits))
+    asked = set(_YEAR.findall(probe.question))  # "the 1911 Revolution" named back is no later knowledge
     if probe.reject_years_after is not None:
-        asked = set(_YEAR.findall(probe.question))  # "the 1911 Revolution" named back is no later knowledge
         later = [y for y in _YEAR.findall(answer) if int(y) > probe.reject_years_after and y not in asked]
         if later:
             reasons.append(f"mentions {', '.join(dict.fromkeys(later))}, after {probe.reject_years_after}")
+    if probe.only_years is not None:  # a date the source does not give is an invented fact, however fluent
+        allowed = asked | {str(y) for y in probe.only_years}
+        other = [y for y in _YEAR.findall(answer) if y not in allowed]
+        if other:
+            reasons.append(f"names {', '.join(dict.fromkeys(other))}, a year its source does not give")
     return ProbeResult(probe.id, passed=not reasons, rejected=bool(hits), reasons=tuple(reasons))
 
 
