@@ -647,8 +647,8 @@ def _build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
 _INVALID = object()
 
 
-def _required(f: dataclasses.Field) -> bool:  # type: ignore[type-arg]
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def _convert(hint: Any, value: Any, path: str, errors: list[str]) -> Any:
@@ -664,7 +664,7 @@ def _convert(hint: Any, value: Any, path: str, errors: list[str]) -> Any:
             if not scratch:
                 return converted
         return _convert(options[-1], value, path, errors)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a dataclass hint is a class, never an instance
         built = _build(hint, value, path, errors)
         return _INVALID if built is None else built
     if origin is Literal:

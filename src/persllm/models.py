@@ -145,7 +145,7 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def prepare_tokenizer(tokenizer) -> bool:  # type: ignore[no-untyped-def]
+def prepare_tokenizer(tokenizer) -> bool:
     """Give a tokenizer without a chat template persllm's; return True if special tokens were added (resize!)."""
     added = False
     if not getattr(tokenizer, "chat_template", None):
@@ -159,7 +159,7 @@ def prepare_tokenizer(tokenizer) -> bool:  # type: ignore[no-untyped-def]
     return added
 
 
-def stop_token_ids(tokenizer) -> list[int]:  # type: ignore[no-untyped-def]
+def stop_token_ids(tokenizer) -> list[int]:
     """Token ids that end an assistant turn: EOS plus the template's end-of-turn marker."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     vocab = tokenizer.get_vocab()

@@ -164,7 +164,7 @@ class ArenaStore:
         finally:
             db.close()
 
-    def _read(self, sql: str, args: Sequence[object] = ()) -> list[tuple]:  # type: ignore[type-arg]
+    def _read(self, sql: str, args: Sequence[object] = ()) -> list[tuple]:
         with contextlib.closing(self._connect()) as db:
             return db.execute(sql, args).fetchall()
 

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from persllm.backends.base import Completion, GenParams, Request, Result, Usage, request_repetition
 from persllm.decoding import Repetition, hf_processor, penalize
@@ -50,11 +50,15 @@ class HFBackend:
         added = prepare_tokenizer(self.tokenizer)
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32  # bf16 is ~10x slower on AVX2 CPUs
         self.model = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype)
-        if added or len(self.tokenizer) > self.model.get_input_embeddings().weight.shape[0]:
+        # nn.Module attributes are typed Tensor | Module; an input embedding's weight is its [vocab, dim] tensor.
+        rows = cast(torch.Tensor, self.model.get_input_embeddings().weight).shape[0]
+        if added or len(self.tokenizer) > rows:
             self.model.resize_token_embeddings(len(self.tokenizer))
         if adapter:
             self.model = load_adapter_stack(self.model, Path(adapter))
-        self.model.to(self.device).eval()
+        # PreTrainedModel.to is wrapped with functools.wraps, which the stubs type as an unbound function (the device
+        # would be taken for `self`); it is nn.Module.to, as the stubs say for every other module.
+        cast(torch.nn.Module, self.model).to(self.device).eval()
         self.stop_ids = stop_token_ids(self.tokenizer)
         self._count = token_counter(self.tokenizer)
         # Prompt plus answer tokens the model was built for (None if the config does not say).
@@ -69,7 +73,8 @@ class HFBackend:
         if isinstance(request, str):
             return request
         messages = [{"role": m.role, "content": m.content} for m in request]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # tokenize=False returns the rendered text; the stub's return type covers every mode (ids, batches, dicts).
+        return cast(str, self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` in the model's vocabulary (no special tokens added)."""
@@ -140,8 +145,13 @@ class HFBackend:
                           finish_reason="stop" if ended or produced < params.max_tokens else "length")
 
     def close(self) -> None:
-        """Drop the model."""
-        self.model = None
+        """Drop the model (the attribute goes, so it keeps its loaded type; closing twice is harmless)."""
+        if hasattr(self, "model"):
+            del self.model
+
+    def _decode(self, ids: list[int]) -> str:
+        # One sequence of ids decodes to one string; the stub's str | list[str] also covers a batch of sequences.
+        return cast(str, self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def _encode(self, texts: list[str]) -> Any:
         self.tokenizer.padding_side = "left"  # decoder-only generation pads on the left
@@ -185,7 +195,7 @@ class HFBackend:
             while ids and ids[-1] == self.tokenizer.pad_token_id and len(output) > 1:
                 ids.pop()  # a row that stopped (at a stop string) while others went on is padded to their length
                 stopped = True
-            whole = self.tokenizer.decode(ids, skip_special_tokens=True)
+            whole = self._decode(ids)
             text = whole
             for stop in params.stop:
                 text = text.split(stop)[0]
@@ -318,7 +328,7 @@ class HFBackend:
             ids = [c[i] for c in columns]
             end = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
             kept = ids if end is None else ids[:end]
-            completion = Completion(text=self.tokenizer.decode(kept, skip_special_tokens=True),
+            completion = Completion(text=self._decode(kept),
                                     finish_reason="stop" if end is not None or len(ids) < max_tokens else "length",
                                     prompt_tokens=len(row), completion_tokens=len(kept))
             self.usage.add(completion, (time.monotonic() - started) / len(rows))
@@ -378,7 +388,8 @@ class HFBackend:
         if (context and all(1 <= len(t) <= 2 for t in tails) and len(pieces) == 1 and not pieces & set(singles)
                 and len(set(singles)) == len(singles) and len(set(seconds)) == len(seconds)):
             piece = pieces.pop()
-            steps = [((0, t[0]),) if len(t) == 1 else ((0, piece), (1, t[1])) for t in tails]
+            steps: list[tuple[tuple[int, int], ...]] = [((0, t[0]),) if len(t) == 1 else ((0, piece), (1, t[1]))
+                                                        for t in tails]
             return context + [piece], steps
         raise BackendError(f"{self.name}: options {list(options)} are not one or two distinct tokens after "
                            f"{text[-40:]!r}; use single-character options such as 1-5")

@@ -13,13 +13,15 @@ import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from persllm.backends.base import Completion, GenParams, Request, Result, Usage, request_repetition, sequential_many
 from persllm.decoding import Repetition, llamacpp_processor
 from persllm.errors import BackendError, ConfigError, DependencyError, require
 
 if TYPE_CHECKING:
+    from llama_cpp.llama_types import ChatCompletionRequestMessage
+
     from persllm.backends.registry import OpenOptions
     from persllm.config import ModelSpec
 
@@ -156,7 +158,7 @@ class LlamaCpp:
         llm = getattr(self, "_llm", None)
         if llm is not None:
             llm.close()
-            self._llm = None
+            del self._llm  # the attribute goes (not None: it keeps its Llama type); the getattr above allows that
 
     def _call(self, request: Request, params: GenParams, stream: bool, cancel: threading.Event | None = None) -> Any:
         kwargs: dict[str, Any] = dict(max_tokens=params.max_tokens, temperature=params.temperature,  # noqa: C408
@@ -173,7 +175,10 @@ class LlamaCpp:
             kwargs["logits_processor"] = LogitsProcessorList(processors)
         if isinstance(request, str):
             return self._llm.create_completion(request, **kwargs)
-        messages = [{"role": m.role, "content": m.content} for m in request]
+        # Each dict is a valid message of llama_cpp's per-role TypedDicts (the role is system, user or assistant and
+        # the content a str), which mypy cannot match a dict with a union-typed role against.
+        messages = cast("list[ChatCompletionRequestMessage]",
+                        [{"role": m.role, "content": m.content} for m in request])
         return self._llm.create_chat_completion(messages=messages, **kwargs)
 
 

@@ -97,7 +97,7 @@ class OpenAICompatible:
                     exc = future.exception()
                     if exc is not None and not isinstance(exc, BackendError):
                         raise exc
-                    yield index, (exc if exc is not None else future.result())  # type: ignore[misc]
+                    yield index, (exc if exc is not None else future.result())
                     nxt = next(items, None)
                     if nxt is not None:
                         pending[pool.submit(self.complete, nxt[1], params)] = nxt[0]

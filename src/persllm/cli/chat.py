@@ -64,7 +64,7 @@ def chat(project: Path, preset: str | None, overrides: Sequence[str], output: Pa
         backend.close()
 
 
-def _command(session, text: str, show: bool) -> tuple[bool, bool]:  # type: ignore[no-untyped-def]
+def _command(session, text: str, show: bool) -> tuple[bool, bool]:
     """Handle a /command; returns (quit?, show_analysis)."""
     from persllm.errors import ConfigError
 

@@ -271,7 +271,7 @@ def _export_model(project: Any, variant: str | None, gguf_types: list[str], keep
     variant = variant or best_variant(project)
     root.mkdir(parents=True, exist_ok=True)
     scratch = None if keep_merged else Path(tempfile.mkdtemp(prefix=f".merged-{variant}.", dir=root))
-    merged_dir = Workspace.of(project).merged_dir(variant, root) if keep_merged else scratch / "model"
+    merged_dir = Workspace.of(project).merged_dir(variant, root) if scratch is None else scratch / "model"
     try:
         with console.status(f"merging the {variant.upper()} model into the base model"):
             merge_variant(project, variant, merged_dir)

@@ -36,7 +36,7 @@ def project_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.argument("project", type=click.Path(path_type=Path))(func)
 
 
-def load(project: Path, preset: str | None, overrides: Sequence[str], output: Path | None):  # type: ignore[no-untyped-def]
+def load(project: Path, preset: str | None, overrides: Sequence[str], output: Path | None):
     """Load and validate the project with CLI overrides."""
     from persllm.config import load_project
 

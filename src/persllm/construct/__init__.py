@@ -93,14 +93,15 @@ def construct(project: Project, passages: Sequence[Passage], teacher: Backend,
     second = ask_and_answer(list(retries.values()), [(d.slot, d.question) for d in first.drafts])
     answers = first.answers | second.answers
     replaced = {sid for sid, slot in retries.items() if isinstance(answers.get(slot.id), Answer)}
-    answered = [d for d in [*first.drafts, *second.drafts] if isinstance(answers[d.slot.id], Answer)]
-    samples = [_sample(project, d, answers[d.slot.id], mode, prompts.version) for d in answered]
+    drafted = [(d, answer) for d in [*first.drafts, *second.drafts] if isinstance(answer := answers[d.slot.id], Answer)]
+    answered = [d for d, _ in drafted]
+    samples = [_sample(project, d, a, mode, prompts.version) for d, a in drafted]
 
     # 3. Stylised general data (the method's mode 3).
     items = _general_items(project, retrievers, held_out)
     general = method.general(items)
-    samples += [_general_sample(project, item, general[item.id], mode, prompts.version)
-                for item in items if isinstance(general[item.id], Answer)]
+    samples += [_general_sample(project, item, answer, mode, prompts.version)
+                for item in items if isinstance(answer := general[item.id], Answer)]
 
     # 4. Rejected-answer material for automated DPO.
     other = _other_stage_contexts(project, answered, retrievers, held_out) if len(project.stages) > 1 else {}

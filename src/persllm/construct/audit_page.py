@@ -84,7 +84,7 @@ def pick_samples(project: Project, samples: Sequence[Sample], per_group: int) ->
 
 def count_rows(project: Project, samples: Sequence[Sample]) -> list[list[str]]:
     """[stage, kind, train, test, total] per (stage, kind), then an 'all' row."""
-    counts = Counter((s.stage, s.kind, s.split) for s in samples)
+    counts: Counter[tuple[str, str, str]] = Counter((s.stage, s.kind, s.split) for s in samples)
     rows = []
     for stage, kind in ordered_groups(project, samples):
         train, test = counts[(stage, kind, "train")], counts[(stage, kind, "test")]

@@ -16,6 +16,7 @@ from typing import Literal
 from persllm import text as T
 
 Person = Literal["first", "second"]
+Pronoun = Literal["she", "he", "they"]
 
 _MONTHS = {"January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
            "November", "December", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"}
@@ -61,7 +62,7 @@ class PersonaRef:
 
     name: str
     aliases: tuple[str, ...]  # longest first: full names, then single names
-    pronoun: Literal["she", "he", "they"]
+    pronoun: Pronoun
     language: str
 
     @property
@@ -79,7 +80,7 @@ def persona_ref(name: str, language: str, knowledge: Iterable[str], aliases: Seq
     joined = " ".join(knowledge)
     if language == "zh":
         counts = Counter(ch for ch in joined if ch in "她他")
-        pronoun = "she" if counts["她"] >= counts["他"] and counts["她"] else "he" if counts["他"] else "they"
+        pronoun: Pronoun = "she" if counts["她"] >= counts["他"] and counts["她"] else "he" if counts["他"] else "they"
     else:
         words = Counter(w.lower() for w in _WORD.findall(joined))
         she, he = words["she"] + words["her"], words["he"] + words["his"] + words["him"]
@@ -132,7 +133,7 @@ def _replace_names(sentence: str, ref: PersonaRef, target: dict[str, str]) -> st
             return match.group(0)
         if match.group(2):
             return target["possessive"]
-        nxt = (_WORD.match(after).group(0).lower() if _WORD.match(after) else "")
+        nxt = (word.group(0).lower() if (word := _WORD.match(after)) else "")
         at_start = not before or before.endswith((".", "!", "?", ";", ":", "\u201c", '"'))
         subject = at_start or nxt in _SUBJECT_CUES or nxt.endswith("ed") or prev.lower() in (
             "and", "but", "that", "when", "while", "because", "as", "where", "which", "so", "until", "after",
@@ -154,7 +155,7 @@ def _replace_pronouns(sentence: str, source: dict[str, str], target: dict[str, s
         # "her" and "his" are ambiguous: possessive before a word, object (or independent) otherwise.
         rest = sentence[match.end():]
         nxt = _WORD.match(rest.lstrip())
-        followed_by_word = bool(nxt) and rest[:1] == " " and nxt.group(0).lower() not in _NO_POSSESSIVE_AFTER
+        followed_by_word = nxt is not None and rest[:1] == " " and nxt.group(0).lower() not in _NO_POSSESSIVE_AFTER
         if word == source["possessive"] and followed_by_word:
             return target["possessive"]
         if word == source["object"]:

@@ -564,7 +564,7 @@ class GroundedMethod:
 
     def _identity_sentences(self, stage_id: str, slot: Slot) -> list[str]:
         """Knowledge sentences that say who the persona is at this stage (birth, family, work)."""
-        out = []
+        out: list[tuple[int, int, str]] = []
         for passage in self.retrievers[stage_id].passages:
             if passage.kind != "knowledge" or not self._allowed(passage, slot):
                 continue

@@ -126,7 +126,7 @@ def _many_params(teacher: Backend, requests: list[Request], params: list[GenPara
     with ThreadPoolExecutor(workers) as pool:
         futures = {pool.submit(teacher.complete, r, p): i for i, (r, p) in enumerate(zip(requests, params))}
         for future in as_completed(futures):
-            exc = future.exception()
-            if exc is not None and not isinstance(exc, BackendError):
-                raise exc
-            yield futures[future], (exc if exc is not None else future.result())
+            error = future.exception()
+            if error is not None and not isinstance(error, BackendError):
+                raise error
+            yield futures[future], (error if error is not None else future.result())

@@ -6,12 +6,16 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from persllm import text as T
 from persllm.errors import DependencyError
 from persllm.types import Passage
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 SEPARATOR = " ... "
 
@@ -81,10 +85,10 @@ class Embeddings:
         return self.matrix @ vector
 
 
-_ST_CACHE: dict[str, object] = {}
+_ST_CACHE: dict[str, SentenceTransformer] = {}
 
 
-def _load_st(name: str, cls: type) -> object:
+def _load_st(name: str, cls: type[SentenceTransformer]) -> SentenceTransformer:
     if name not in _ST_CACHE:  # loading is the slow part; the reference code reloaded it on every query
         _ST_CACHE[name] = cls(name)
     return _ST_CACHE[name]

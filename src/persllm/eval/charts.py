@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from html import escape
 
 PALETTE = ("#4269d0", "#efb118", "#ff725c", "#6cc5b0", "#3ca951", "#ff8ab7", "#a463f2", "#97bbf5", "#9c6b4e")
@@ -21,8 +21,8 @@ def _fmt(value: float) -> str:
     return f"{value:.2f}".rstrip("0").rstrip(".") if abs(value) < 100 else f"{value:.0f}"
 
 
-def bar_chart(title: str, categories: Sequence[str], series: dict[str, Sequence[float | None]],
-              palette: dict[str, str], intervals: dict[str, Sequence[Interval]] | None = None,
+def bar_chart(title: str, categories: Sequence[str], series: Mapping[str, Sequence[float | None]],
+              palette: dict[str, str], intervals: Mapping[str, Sequence[Interval]] | None = None,
               ymax: float | None = None, width: int = 640, height: int = 260) -> str:
     """Grouped vertical bars: one group per category, one bar per series; None values are drawn as 'n/a'."""
     left, right, top, bottom = 44, 12, 28, 58
@@ -66,7 +66,7 @@ def bar_chart(title: str, categories: Sequence[str], series: dict[str, Sequence[
     return "".join(parts)
 
 
-def radar_chart(title: str, axes: Sequence[str], series: dict[str, Sequence[float | None]],
+def radar_chart(title: str, axes: Sequence[str], series: Mapping[str, Sequence[float | None]],
                 palette: dict[str, str], low: float = 1.0, high: float = 5.0, dashed: Sequence[str] = (),
                 size: int = 300) -> str:
     """A radar (spider) chart on a fixed low-high scale; `dashed` series (targets) are drawn as dashed outlines."""

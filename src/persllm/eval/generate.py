@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from persllm import template
 from persllm import text as T
@@ -127,7 +127,8 @@ def relevant_material(retriever: Retriever, question: str, budget: int) -> tuple
 
 def _fill(ranked: Sequence[Passage], budget: int) -> str:
     """Passages in rank order until the budget is spent; one passage longer than the budget is cut, never dropped."""
-    chosen, used = [], 0
+    chosen: list[str] = []
+    used = 0
     for passage in ranked:
         cost = T.count_tokens(passage.text)
         if used + cost > budget:
@@ -149,7 +150,15 @@ def persona_messages(project: Project, stage: str, question: str, rag: RagIndex 
     return tuple(messages)
 
 
-FEW_SHOT = {
+class FewShotForm(TypedDict):
+    """One language's few-shot transcript: its header, the question prefix, and where an answer ends."""
+
+    header: str
+    question: str
+    ends: tuple[str, ...]
+
+
+FEW_SHOT: dict[str, FewShotForm] = {
     "en": {"header": "Below, {name} answers questions in {pronoun} own words, as in {label}.", "question": "Question: ",
            "ends": ("\nQuestion:", "\n\n")},
     "zh": {"header": "下面是{name}在{label}用自己的话回答问题。", "question": "问：", "ends": ("\n问：", "\n\n")},

@@ -101,10 +101,10 @@ def score(answers: Mapping[str, float], inventory: Sequence[Item]) -> dict[str, 
 
 def distance(a: Mapping[str, float | None], b: Mapping[str, float | None]) -> float | None:
     """Euclidean distance between two domain-mean profiles over the domains both have (None if none)."""
-    shared = [d for d in DOMAINS if a.get(d) is not None and b.get(d) is not None]
+    shared = [(x, y) for d in DOMAINS if (x := a.get(d)) is not None and (y := b.get(d)) is not None]
     if not shared:
         return None
-    return math.sqrt(sum((float(a[d]) - float(b[d])) ** 2 for d in shared))  # type: ignore[arg-type]
+    return math.sqrt(sum((float(x) - float(y)) ** 2 for x, y in shared))
 
 
 def choice_prompts(language: str) -> list[tuple[Item, str]]:

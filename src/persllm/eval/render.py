@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
 
@@ -48,7 +48,7 @@ def _interval(value: Any) -> tuple[float, float] | None:
     return None
 
 
-def bars_html(title: str, categories: Sequence[str], table: dict[str, Sequence[Any]], palette: dict[str, str],
+def bars_html(title: str, categories: Sequence[str], table: Mapping[str, Sequence[Any]], palette: dict[str, str],
               ymax: float | None = None) -> str:
     """A bar chart of each model's values (estimates drawn with their intervals)."""
     series = {m: [_mean(v) for v in vs] for m, vs in table.items()}

@@ -165,15 +165,16 @@ def administer(persona: Persona, stage: str, model: ModelUnderTest, backend: Bac
                     "probs": {item.id: [round(p, 4) for p in probs] for (item, _), (_, probs) in zip(prompts, raw)}}
         # Room for a short analysis before the digit: endpoints are never forced to start at [Response].
         params = GenParams(temperature=0.0, max_tokens=96, seed=plan.decoding.seed)
-        answers, raw = {}, {}
+        answers: dict[str, int] = {}
+        texts: dict[str, str] = {}
         for index, result in backend.complete_many([list(r) for r in requests], params):
             item = prompts[index][0]
             text = "" if isinstance(result, Exception) else template.visible_answer(result.text)
-            raw[item.id] = text
+            texts[item.id] = text
             if (choice := ipip.parse_choice(text)) is not None:
                 answers[item.id] = choice
             task.advance(1)
-    return {"method": "generated", "answers": answers, "missing": len(prompts) - len(answers), "raw": raw}
+    return {"method": "generated", "answers": answers, "missing": len(prompts) - len(answers), "raw": texts}
 
 
 def few_shot_for(project: Project, model: ModelUnderTest, backend: Backend, plan: Plan) -> FewShot | None:

@@ -37,7 +37,7 @@ class Prompts:
         return fill(self.get(key), **values)
 
 
-class _Values(dict):  # type: ignore[type-arg]
+class _Values(dict):
     """Placeholder values; {Name} is the capitalised form of {name}; unknown placeholders are errors."""
 
     def __missing__(self, key: str) -> str:

@@ -44,7 +44,8 @@ def format_failures(answers: Sequence[Answer], keep_cot: bool, name: str, forced
 
     openings = tuple(o.format(name=name.lower()) for o in _ANALYSIS_OPENINGS)
     counts = {"no_stop": 0, "no_response": 0, "analysis_in_answer": 0, "empty": 0}
-    failed, examples = [], []
+    failed: list[bool] = []
+    examples: list[dict[str, Any]] = []
     for answer in answers:
         if answer.error or answer.purpose not in ("probe", "heldout"):
             continue

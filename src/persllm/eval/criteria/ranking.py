@@ -43,7 +43,8 @@ def ranking(outcomes: Sequence[Outcome], models: Sequence[str]) -> dict[str, Any
         pairs.append({"a": a, "b": b, "a_wins": wins[a], "b_wins": wins[b], "ties": wins["tie"],
                       "missing": wins["missing"]})
     rates = {m: mean_ci(v, (0.0, 1.0)).as_dict() for m, v in points.items()}
-    ranked = sorted((m for m in models if rates[m]["mean"] is not None), key=lambda m: -rates[m]["mean"])
+    means = {m: mean for m in models if (mean := rates[m]["mean"]) is not None}
+    ranked = sorted(means, key=lambda m: -means[m])
     ranks = {m: ranked.index(m) + 1 if m in ranked else None for m in models}  # no verdict, no rank
     return {"pairs": pairs, "models": {m: {"win_rate": rates[m], "rank": ranks[m]} for m in models},
             "position_consistency": rate_ci(sum(consistent), len(consistent)).as_dict()}
