@@ -22,17 +22,16 @@ CONFIGS = ACCELERATE_CONFIGS
 # Loaded by every Python process started with this folder on PYTHONPATH: records each final save with its rank.
 SPY = '''
 import os
-import persllm.train.dpo as dpo
-import persllm.train.sft as sft
+import persllm.train._trainer as trainer
 
-_save_final = sft.save_final
+_save_final = trainer.save_final
 
 def save_final(model, tokenizer, target, *args, **kwargs):
     with open(os.environ["PERSLLM_SAVE_LOG"], "a", encoding="utf-8") as log:
         log.write(f"{os.environ.get('RANK', '-')} {target}\\n")
     return _save_final(model, tokenizer, target, *args, **kwargs)
 
-sft.save_final = dpo.save_final = save_final
+trainer.save_final = save_final  # finish_run, which both SFT and DPO call, looks it up there
 '''
 
 

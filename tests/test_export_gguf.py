@@ -17,8 +17,8 @@ import torch
 from conftest import MINIMAL_YAML, write_project
 from persllm import template
 from persllm.config import load_project
-from persllm.train.gguf_export import ExportError, export_gguf, export_ggufs
-from persllm.train.merge import best_variant, merge_variant, merged_meta
+from persllm.export.gguf import ExportError, export_gguf, export_ggufs
+from persllm.export.merge import best_variant, merge_variant, merged_meta
 from persllm.types import Message, Negative
 from test_train import GENERAL, make_samples
 
@@ -210,7 +210,7 @@ def test_unsupported_models_are_refused_with_the_alternative(merged: Path, tmp_p
 
 
 def test_query_scale_is_folded_into_q_norm() -> None:
-    from persllm.train.gguf_export import gemma3_hparams
+    from persllm.export.gguf import gemma3_hparams
 
     config = {"model_type": "gemma3_text", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
               "head_dim": 32, "intermediate_size": 128, "layer_types": ["sliding_attention", "full_attention"],
@@ -245,7 +245,7 @@ def random_adapter(project: Any, target: Path) -> None:
 
     from persllm.backends import base_model_path
     from persllm.train import _model
-    from persllm.train.sft import save_final, stack_meta
+    from persllm.train._trainer import save_final, stack_meta
 
     base = base_model_path(project.base_model)
     tokenizer, added = _model.load_tokenizer(base, project)

@@ -541,7 +541,7 @@ def test_llamacpp_streams_stop_when_the_client_leaves(projects: tuple[Project, P
     from llama_cpp import LogitsProcessorList
 
     from persllm.backends.llamacpp import LlamaCpp
-    from persllm.train.gguf_export import export_gguf
+    from persllm.export.gguf import export_gguf
 
     backend = LlamaCpp(export_gguf(tiny_model, tmp_path / "tiny.gguf", "f16"), n_ctx=2048, n_threads=1)
     llm = backend._llm

@@ -17,7 +17,7 @@ from persllm import template
 from persllm.config import load_project
 from persllm.errors import ConfigError, PersllmError
 from persllm.progress import Progress, Task
-from persllm.train import _model
+from persllm.train import _model, _trainer
 from persllm.train.data import sample_messages, sample_prompt, to_chat
 from persllm.train.dpo import train_dpo
 from persllm.train.pairs import build_pairs, pairs_by_split
@@ -278,7 +278,7 @@ def test_dpo_raises_preference_accuracy_on_its_pairs(sft_run: dict[str, Any], dp
 def _chosen_logps(base: Path, adapter: Path, pairs: list[PreferencePair]) -> float:
     """Mean summed log-probability of the chosen answers (with their end marker) under base + adapter stack."""
     from persllm.backends.hf import HFBackend
-    from persllm.train.sft import end_of_turn
+    from persllm.train._trainer import end_of_turn
 
     backend = HFBackend(str(base), adapter=adapter)
     try:
@@ -335,10 +335,10 @@ def test_fast_cpu_loss_patch_is_applied_and_scores_only_labels(tmp_path: Path, t
     import trl.trainer.utils as trl_utils
 
     monkeypatch.setattr(trl_utils, "_use_triton", kernel._use_triton)  # start unpatched whatever ran before
-    assert not _model.fast_cpu_loss_active()
+    assert not _trainer.fast_cpu_loss_active()
     project = make_project(tmp_path / "person", tiny_model)
     run = prepare_sft(project, make_samples(), GENERAL, tmp_path / "sft")
-    assert run.fast and _model.fast_cpu_loss_active()
+    assert run.fast and _trainer.fast_cpu_loss_active()
     assert trl_utils._use_triton(torch.device("cpu")) is True
 
     rows: list[int] = []
@@ -364,7 +364,7 @@ def test_fast_cpu_loss_patch_guard(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(trl_utils, "_use_triton", kernel._use_triton)
     monkeypatch.setattr(trl_utils, "add_fused_lm_head", lambda model, **kwargs: None)  # a TRL that changed
-    assert _model.enable_fast_cpu_loss() is False and not _model.fast_cpu_loss_active()
+    assert _trainer.enable_fast_cpu_loss() is False and not _trainer.fast_cpu_loss_active()
 
 
 def test_full_finetune_sft_then_dpo(tmp_path: Path, tiny_model: Path) -> None:
@@ -445,7 +445,7 @@ def test_cheap_trainable_tokens_match_peft_exactly(tiny_model: Path) -> None:
         with torch.no_grad():
             delta.add_(torch.randn_like(delta))  # trained rows that differ from the base rows
         if cheap:
-            assert _model.cheap_trainable_tokens(peft_model) == 2  # the embedding and the tied LM head
+            assert _trainer.cheap_trainable_tokens(peft_model) == 2  # the embedding and the tied LM head
         x = torch.tensor([[2, 4, 10, 300, 11, 5, 5, 12, 3]])
         out = peft_model(input_ids=x, labels=x)
         out.loss.backward()
@@ -459,10 +459,10 @@ def test_smoke_budget_follows_the_reference_answers(tiny_model: Path) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
-    assert _model.smoke_budget(tokenizer, ["[Response] short."]) == _model.SMOKE_NEW_TOKENS
+    assert _trainer.smoke_budget(tokenizer, ["[Response] short."]) == _trainer.SMOKE_NEW_TOKENS
     long = " ".join(["[Analysis] I answer from what I know at this time."] * 20)
     n = len(tokenizer(long, add_special_tokens=False)["input_ids"])
-    assert _model.smoke_budget(tokenizer, ["short", long]) >= 1.5 * (n + 1) > _model.SMOKE_NEW_TOKENS
+    assert _trainer.smoke_budget(tokenizer, ["short", long]) >= 1.5 * (n + 1) > _trainer.SMOKE_NEW_TOKENS
 
 
 class GroupWatch(TrainerCallback):

@@ -10,11 +10,11 @@ from persllm.config import load_project
 from persllm.errors import DataError, PersllmError
 from persllm.progress import NULL
 from persllm.template import RESPONSE_TAG, time_token
+from persllm.train._trainer import newest_checkpoint, plot_curves, prepare_checkpoints, write_metrics
 from persllm.train.data import build_sft_records, sample_prompt
 from persllm.train.dpo import sanity_verdict
-from persllm.train.pairs import build_pairs, most_similar, pairs_by_split, similarity_ratio
+from persllm.train.pairs import build_pairs, pairs_by_split
 from persllm.train.prefs import summarize
-from persllm.train.sft import newest_checkpoint, plot_curves, prepare_checkpoints, write_metrics
 from persllm.types import Message, Negative, PreferencePair, Sample
 
 
@@ -141,13 +141,6 @@ def test_other_persona_negatives_come_from_the_most_similar_peer_question(projec
     assert pairs[0].rejected.endswith("We built a wooden boat and sailed it on the canal.")
     assert stats["dropped"]["no_peer_match"] == 1  # nothing similar to the prize question
     assert stats["by_type"] == {"other_persona": 1}
-
-
-def test_similarity_helpers() -> None:
-    assert similarity_ratio("Hello, World!", "hello world") == 1.0
-    assert similarity_ratio("a turbine of steel", "a boat of wood") < 0.5
-    best, score = most_similar([["turbine", "canal"], ["zebra"]], [["boat"], ["canal", "turbine", "otto"]])
-    assert best.tolist() == [1, -1] and score[0] > 0.5 and score[1] == 0.0
 
 
 # -- preference accuracy and the step-0 verdict -----------------------------------------------------------------

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from persllm.train import _model
-from persllm.train.sft import LengthGroupedBatches, prepare_sft, row_lengths
+from persllm.train import _model, _trainer, cpu_head
+from persllm.train._trainer import LengthGroupedBatches, row_lengths
+from persllm.train.sft import prepare_sft
 from test_train import GENERAL, CrashAt, make_project, make_samples
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # module-wide, see conftest
@@ -43,8 +44,8 @@ def run_head(fast: bool, x: dict[str, Any], scale: float, outputs: tuple[str, ..
         weight = x["weight"].clone()
         if rows:
             weight[index] = delta.detach()
-        out = _model.cpu_head(hidden, weight, delta, index if rows else None, x["bias"], x["targets"], scale, 64,
-                              outputs)
+        out = cpu_head.cpu_head(hidden, weight, delta, index if rows else None, x["bias"], x["targets"], scale,
+                                64, outputs)
     else:
         weight = x["weight"]
         if rows:
@@ -78,7 +79,7 @@ def assert_outputs_match(ours: Any, theirs: Any, outputs: tuple[str, ...]) -> No
 ])
 def test_cpu_head_matches_trl_kernel(monkeypatch: pytest.MonkeyPatch, scale: float, bias: bool,
                                      outputs: tuple[str, ...], rows: list[int], tokens: int) -> None:
-    monkeypatch.setattr(_model, "_HEAD_TOKENS", tokens)
+    monkeypatch.setattr(cpu_head, "_HEAD_TOKENS", tokens)
     x = head_inputs(bias=bias)
     x["targets"][:len(rows)] = torch.tensor(rows, dtype=torch.long)  # some tokens predict a trained row
     ours, theirs = run_head(True, x, scale, outputs, rows), run_head(False, x, scale, outputs, rows)
@@ -91,7 +92,7 @@ def test_cpu_head_matches_trl_kernel(monkeypatch: pytest.MonkeyPatch, scale: flo
 def test_cpu_head_without_gradients_and_with_an_entropy_loss() -> None:
     x = head_inputs(bias=True)
     with torch.no_grad():  # a reference forward: no E_p[W], the entropy takes its own pass
-        ours = _model.cpu_head(x["hidden"], x["weight"], None, None, x["bias"], x["targets"], 1.3, 64, ALL)
+        ours = cpu_head.cpu_head(x["hidden"], x["weight"], None, None, x["bias"], x["targets"], 1.3, 64, ALL)
         theirs = trl_kernel().apply(x["hidden"], x["weight"], x["bias"], x["targets"], 1.0, 64, None, 1.3, ALL)
     assert_outputs_match(ours, theirs, ALL)
     # an entropy term in the loss goes through TRL's recomputing backward, with the same gradients
@@ -103,7 +104,7 @@ def test_cpu_head_without_gradients_and_with_an_entropy_loss() -> None:
 def test_dispatcher_sends_what_it_does_not_cover_to_trl(monkeypatch: pytest.MonkeyPatch) -> None:
     import trl.trainer.utils as trl_utils
 
-    assert _model.enable_fast_cpu_loss() and _model.fast_cpu_head_active()
+    assert _trainer.enable_fast_cpu_loss() and _trainer.fast_cpu_head_active()
     head = trl_utils._ChunkedLogProbFunction
     calls: list[str] = []
 
@@ -115,7 +116,7 @@ def test_dispatcher_sends_what_it_does_not_cover_to_trl(monkeypatch: pytest.Monk
 
     from trl.kernels.chunked_logprob import _use_triton
 
-    monkeypatch.setattr(head, "apply", staticmethod(_model._head_dispatcher(Spy, _use_triton).apply))
+    monkeypatch.setattr(head, "apply", staticmethod(_trainer._head_dispatcher(Spy, _use_triton).apply))
     x = head_inputs()
     h, w, t = x["hidden"].requires_grad_(), x["weight"], x["targets"]
 
@@ -146,7 +147,7 @@ def test_sft_step_matches_trl_kernel(tmp_path: Path, tiny_model: Path) -> None:
         run = prepare_sft(project, make_samples(), GENERAL, tmp_path / "sft")
         trainer, model = run.trainer, run.trainer.model
         head = trl_utils._ChunkedLogProbFunction
-        assert getattr(head, _model._HEAD_MARK, False)
+        assert getattr(head, _trainer._HEAD_MARK, False)
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
         batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
         model.eval()  # no LoRA dropout: both passes see the same function

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from persllm.train import gguf_export
+from persllm.export import gguf as gguf_export
 from persllm.workspace import atomic_dir, write_jsonl, write_text
 
 

@@ -11,7 +11,6 @@ validation and a round-robin fallback. A stance tracker reports whether each age
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,11 +19,11 @@ from pathlib import Path
 from typing import Literal
 
 from persllm import template
-from persllm import text as T
 from persllm.backends.base import Backend, GenParams
 from persllm.config import Project
 from persllm.errors import BackendError, ConfigError
 from persllm.prompts import Prompts, load_prompts
+from persllm.similarity import sentence_model, tfidf_vectors, unit_cosine
 from persllm.types import Message
 from persllm.workspace import write_jsonl, write_text
 
@@ -336,9 +335,9 @@ def _similar(name: str, turns: Sequence[Turn], vectors: list[list[float]]) -> Ag
     rivals = [i for speaker, i in firsts.items() if speaker != name]
     sims, holds = [], 0
     for i in own[1:]:
-        mine = _cosine(vectors[i], vectors[own[0]])
+        mine = unit_cosine(vectors[i], vectors[own[0]])
         sims.append(round(mine, 3))
-        holds += all(mine >= _cosine(vectors[i], vectors[r]) for r in rivals)
+        holds += all(mine >= unit_cosine(vectors[i], vectors[r]) for r in rivals)
     share = holds / len(sims)
     return AgentStance(name, len(own), similarity=tuple(sims), score=round(share, 3),
                        verdict="consistent" if share >= 0.5 else "inconsistent",
@@ -350,36 +349,12 @@ def _vectors(texts: list[str], embedding_model: str) -> tuple[str, list[list[flo
     """Sentence embeddings when a model is named and sentence-transformers is installed, else TF-IDF."""
     if embedding_model:
         try:
-            from sentence_transformers import SentenceTransformer
+            model = sentence_model(embedding_model)
         except ImportError:
             log.warning("sentence-transformers is not installed; stance tracking falls back to TF-IDF")
         else:
-            model = SentenceTransformer(embedding_model)
             return f"embedding:{embedding_model}", model.encode(texts, normalize_embeddings=True).tolist()
-    return "tfidf", tfidf(texts)
-
-
-def tfidf(texts: Sequence[str]) -> list[list[float]]:
-    """L2-normalised TF-IDF vectors (smoothed idf) over persllm's language-aware word tokens."""
-    docs = [[w for w in (t.lower() for t in T.tokens(text)) if any(c.isalnum() for c in w)] for text in texts]
-    vocab = {w: i for i, w in enumerate(sorted({w for d in docs for w in d}))}
-    df = [0] * len(vocab)
-    for doc in docs:
-        for word in set(doc):
-            df[vocab[word]] += 1
-    idf = [math.log((1 + len(docs)) / (1 + n)) + 1 for n in df]
-    vectors = []
-    for doc in docs:
-        row = [0.0] * len(vocab)
-        for word in doc:
-            row[vocab[word]] += idf[vocab[word]]
-        norm = math.sqrt(sum(x * x for x in row)) or 1.0
-        vectors.append([x / norm for x in row])
-    return vectors
-
-
-def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
-    return sum(x * y for x, y in zip(a, b, strict=True))  # vectors are unit length (or zero)
+    return "tfidf", tfidf_vectors(texts)
 
 
 # -- transcripts ----------------------------------------------------------------------------------------------------

@@ -264,8 +264,8 @@ def _export_model(project: Any, variant: str | None, gguf_types: list[str], keep
     import tempfile
 
     from persllm import template
-    from persllm.train.gguf_export import export_ggufs, ollama_modelfile
-    from persllm.train.merge import best_variant, merge_variant
+    from persllm.export.gguf import export_ggufs, ollama_modelfile
+    from persllm.export.merge import best_variant, merge_variant
     from persllm.workspace import Workspace, write_text
 
     variant = variant or best_variant(project)
@@ -300,7 +300,7 @@ def _export_model(project: Any, variant: str | None, gguf_types: list[str], keep
 
 def _vocab(merged_dir: Path) -> set[str]:
     """Token strings of a merged model's tokenizer (to pick its turn markers)."""
-    from persllm.train.gguf_export import hf_vocab
+    from persllm.export.gguf import hf_vocab
 
     return {t for t in hf_vocab(merged_dir)[1] if t is not None}
 

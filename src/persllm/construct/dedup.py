@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-import re
-import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
 
-from persllm import text as T
 from persllm.construct.plan import Slot
 from persllm.construct.records import Question
+from persllm.similarity import hashed_shingles, normalize
 
 _PRIME = np.uint64((1 << 61) - 1)
 _MAX = np.uint64((1 << 32) - 1)
-
-
-def shingles(text: str, n: int = 5) -> set[int]:
-    """Hashed character n-grams of the lowercased words (punctuation dropped).
-
-    Character shingles suit short questions: changing one word only touches the n-grams around it, whereas word
-    trigrams of a ten-word question would mostly change; they also work for Chinese without segmentation.
-    """
-    flat = re.sub(r"\s+", " ", re.sub(r"[^\w\s]", "", T.normalize(text).lower())).strip()
-    if T.is_cjk(flat):
-        n = 2  # a Chinese character carries about a word's worth of meaning: character bigrams are the norm
-    if len(flat) <= n:
-        return {zlib.crc32(flat.encode())}
-    return {zlib.crc32(flat[i:i + n].encode()) for i in range(len(flat) - n + 1)}
 
 
 def signatures(texts: Sequence[str], num_perm: int = 64, seed: int = 1) -> np.ndarray:
@@ -38,7 +22,7 @@ def signatures(texts: Sequence[str], num_perm: int = 64, seed: int = 1) -> np.nd
     b = rng.integers(0, int(_PRIME) - 1, size=num_perm, dtype=np.uint64)
     out = np.empty((len(texts), num_perm), dtype=np.uint64)
     for row, text in enumerate(texts):
-        h = np.fromiter(shingles(text), dtype=np.uint64)
+        h = np.fromiter(hashed_shingles(text), dtype=np.uint64)
         # (a*h + b) mod p for all permutations at once; uint64 wraps, which keeps the hash family universal enough.
         out[row] = ((np.outer(h, a) + b) % _PRIME & _MAX).min(axis=0)
     return out
@@ -106,7 +90,7 @@ def distinct_questions(asked: Sequence[tuple[Slot, Question]], threshold: float)
         first: dict[str, int] = {}
         for position, i in enumerate(members):
             question = asked[i][1]
-            same = first.setdefault(T.normalize(question.text), i)
+            same = first.setdefault(normalize(question.text), i)
             if same != i:
                 dropped[i] = same
             elif question.origin != "template" and position in near:

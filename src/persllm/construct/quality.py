@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from persllm import text as T
+from persllm.similarity import normalize
 from persllm.types import Passage, Sample
 
 RELEVANCE_THRESHOLD = 0.33
@@ -93,7 +94,7 @@ def relevance(question: str, answer: str, language: str, drop: Iterable[str] = (
 
 def sentence_key(sentence: str) -> str:
     """A sentence normalised for counting repeats (case, spacing and punctuation ignored)."""
-    return re.sub(r"[^\w]+", " ", T.normalize(sentence).lower()).strip()
+    return normalize(sentence, case="lower", punctuation="space")
 
 
 class SentenceBudget:

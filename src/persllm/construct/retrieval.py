@@ -6,16 +6,13 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from persllm import text as T
 from persllm.errors import DependencyError
+from persllm.similarity import sentence_model
 from persllm.types import Passage
-
-if TYPE_CHECKING:
-    from sentence_transformers import SentenceTransformer
 
 SEPARATOR = " ... "
 
@@ -70,12 +67,11 @@ class Embeddings:
 
     def __init__(self, passages: Sequence[Passage], model_name: str) -> None:
         try:
-            from sentence_transformers import SentenceTransformer
+            self.model = sentence_model(model_name)  # loaded once per process, however many stages rank with it
         except ImportError as exc:
             raise DependencyError("construct.embedding_model needs sentence-transformers: "
                                   "pip install sentence-transformers") from exc
         self.passages = list(passages)
-        self.model = _load_st(model_name, SentenceTransformer)
         self.matrix = self.model.encode([p.text for p in self.passages], normalize_embeddings=True,
                                         batch_size=64, convert_to_numpy=True)
 
@@ -83,15 +79,6 @@ class Embeddings:
         """Cosine similarity of every passage to the query."""
         vector = self.model.encode([query], normalize_embeddings=True, convert_to_numpy=True)[0]
         return self.matrix @ vector
-
-
-_ST_CACHE: dict[str, SentenceTransformer] = {}
-
-
-def _load_st(name: str, cls: type[SentenceTransformer]) -> SentenceTransformer:
-    if name not in _ST_CACHE:  # loading is the slow part; the reference code reloaded it on every query
-        _ST_CACHE[name] = cls(name)
-    return _ST_CACHE[name]
 
 
 class Retriever:

@@ -10,6 +10,7 @@ ws.stage_dir("eval"): report.json, report.html, answers.jsonl, verdicts.jsonl an
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +34,7 @@ from persllm.eval.report_json import build_report
 from persllm.eval.report_text import headline, stats, summary_rows
 from persllm.eval.runner import ModelRun, Opener, Plan, load_peers, run_models
 from persllm.progress import NULL, Progress
+from persllm.similarity import sentence_model
 from persllm.types import Passage, Sample, to_record
 from persllm.variants import TUNED, open_variant
 from persllm.workspace import Workspace, file_sha256, write_json, write_jsonl, write_text
@@ -227,15 +229,14 @@ def _open_judges(project: Project, ws: Workspace, plan: Plan, judge: Backend | N
         same = project.judge is None and judge_backend is not None  # no judge: set means the teacher judges
         teacher_backend = teacher or (judge_backend if same else open_backend(project.teacher, seed=project.seed,
                                                                                check=True))
-    common = {"prompts": load_prompts(project.language), "cache_path": ws.cache_dir / "judge.sqlite",
-              "repeats": cfg.judge_repeats, "retries": cfg.judge_retries, "max_tokens": cfg.judge_max_tokens,
-              "seed": project.seed}
+    make = functools.partial(Judge, prompts=load_prompts(project.language), cache_path=ws.cache_dir / "judge.sqlite",
+                             repeats=cfg.judge_repeats, retries=cfg.judge_retries, max_tokens=cfg.judge_max_tokens,
+                             seed=project.seed)
     made_judge = made_teacher = None
     if judge_backend is not None:
-        made_judge = Judge(judge_backend, spec=judge_backend.name if judge else spec.spec, **common)
+        made_judge = make(judge_backend, spec=judge_backend.name if judge else spec.spec)
     if teacher_backend is not None:
-        made_teacher = Judge(teacher_backend, spec=teacher_backend.name if teacher else project.teacher.spec,
-                             **common)
+        made_teacher = make(teacher_backend, spec=teacher_backend.name if teacher else project.teacher.spec)
     reason = "" if made_judge else "no judge: eval.judge_items is 0"
     return Judges(made_judge, made_teacher, reason)
 
@@ -275,9 +276,7 @@ def _embedder(project: Project) -> tuple[Embed | None, str | None]:
         return None, ("no embedding model configured; set eval.embedding_model to a sentence-transformers model "
                       "(pip install sentence-transformers) to add cosine-similarity scores")
     try:
-        from sentence_transformers import SentenceTransformer
-
-        model = SentenceTransformer(name)
+        model = sentence_model(name)
     except ImportError:
         return None, f"eval.embedding_model {name!r} needs sentence-transformers: pip install sentence-transformers"
     except Exception as exc:  # noqa: BLE001 - a model that cannot be loaded only costs this one measure

@@ -124,13 +124,6 @@ def rate_ci(successes: int, n: int, z: float = 1.96) -> Estimate:
     return Estimate(p, max(0.0, centre - half), min(1.0, centre + half), n)
 
 
-def cosine(a: Sequence[float], b: Sequence[float]) -> float:
-    """Cosine similarity of two vectors (0 when either is all zeros)."""
-    dot = sum(x * y for x, y in zip(a, b))
-    norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
-    return dot / norm if norm else 0.0
-
-
 @dataclass(frozen=True)
 class Paired:
     """Two models on the same items: B's pass rate minus A's with a 95% interval, and McNemar's exact p."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import difflib
 import json
 import re
-import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 
 from persllm import text as T
 from persllm.errors import DataError
+from persllm.similarity import normalize
 from persllm.types import Probe
 
 FIELDS = ("id", "kind", "stage", "question", "expect_any", "expect_all", "expect_groups", "reject_any",
@@ -179,10 +179,9 @@ def probe_to_json(probe: Probe) -> dict[str, Any]:
     return out
 
 
-def normalize(text: str) -> str:
-    """Case-folded NFKC text with straight apostrophes and single spaces (what phrases are matched against)."""
-    text = unicodedata.normalize("NFKC", text).replace("’", "'").replace("‘", "'").casefold()
-    return re.sub(r"\s+", " ", text).strip()
+def _matched(text: str) -> str:
+    """What phrases are matched against (and echoes measured on): case-folded, straight apostrophes, single spaces."""
+    return normalize(text, case="casefold", straight_quotes=True)
 
 
 _CJK_RANGES = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff"
@@ -195,12 +194,12 @@ def _is_word_char(ch: str) -> bool:
 
 def contains(text: str, phrase: str) -> bool:
     """True if `phrase` occurs in `text` (case-insensitive; whole words at the edges of alphabetic words)."""
-    needle = normalize(phrase)
+    needle = _matched(phrase)
     if not needle:
         return False
     left = f"(?<!{_WORD_NOT_CJK})" if _is_word_char(needle[0]) else ""
     right = f"(?!{_WORD_NOT_CJK})" if _is_word_char(needle[-1]) else ""
-    return re.search(left + re.escape(needle) + right, normalize(text)) is not None
+    return re.search(left + re.escape(needle) + right, _matched(text)) is not None
 
 
 def score_probe(probe: Probe, answer: str, system_prompt: str = "", description: str = "") -> ProbeResult:
@@ -259,7 +258,7 @@ def garbage(answer: str, question: str, system_prompt: str = "", description: st
 
 def _words(text: str) -> list[str]:
     """Normalised tokens without punctuation (what echo and repetition are measured on)."""
-    return [t for t in T.tokens(normalize(text)) if re.search(r"\w", t) or t == "|"]
+    return [t for t in T.tokens(_matched(text)) if re.search(r"\w", t) or t == "|"]
 
 
 def _is_cjk_token(token: str) -> bool:

@@ -4,6 +4,10 @@ Every format carries the same records (the SFT mix with its repeats and general 
 the DPO pairs as soon as they can be built), the same prompts (system prompt with persona and stage, temporal label,
 CoT answer format) and, for the trainers, ready-to-run configs with every hyper-parameter persllm uses, the base
 model's turn markers and the stage tokens declared as each tool expects. See docs/export-*.md.
+
+The tuned model itself is exported by merge.py (base + adapter stack as one transformers checkpoint) and gguf.py
+(that checkpoint as GGUF for llama.cpp and Ollama), which `persllm export --merged/--gguf` runs (import them from
+their modules).
 """
 
 from __future__ import annotations

@@ -69,9 +69,9 @@ def build_bundle(project: Project, samples: Sequence[Sample], pairs: Sequence[Pr
     """The records and settings of `persllm train` for this project (loads the base tokenizer unless given one)."""
     from persllm.backends import base_model_path
     from persllm.train import _model
+    from persllm.train._trainer import conversation_tokens, use_bf16
     from persllm.train.dpo import pair_tokens
     from persllm.train.pairs import pairs_by_split
-    from persllm.train.sft import conversation_tokens, use_bf16
 
     if tokenizer is None:
         tokenizer, added = _model.base_tokenizer(project)

@@ -72,9 +72,9 @@ def _schedule(stage: dict[str, Any], seed: int, output_dir: Path) -> dict[str, A
 
 
 def _common(bundle: Bundle, save_steps: int) -> dict[str, Any]:
-    from persllm.train.sft import _checkpointing_arg
+    from persllm.train._trainer import checkpointing_arg
 
-    return {"bf16": bundle.bf16, _checkpointing_arg(): False, "save_steps": save_steps, "logging_steps": 1,
+    return {"bf16": bundle.bf16, checkpointing_arg(): False, "save_steps": save_steps, "logging_steps": 1,
             "report_to": "none"}
 
 

@@ -1,4 +1,9 @@
-"""Automated DPO on top of the SFT model: a fresh LoRA on the merged SFT weights, so the reference IS the SFT model."""
+"""Automated DPO on top of the SFT model: a fresh LoRA on the merged SFT weights, so the reference IS the SFT model.
+
+The recipe (train_dpo): check the method, load the merged SFT result, drop over-long pairs, build the trainer, check
+at step 0 that the pairs can teach anything, train, save the result and run the smoke test. What DPO shares with SFT,
+and persllm's hooks into TRL and PEFT, are in _trainer.py; loading the model is _model.py.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +23,11 @@ from persllm.config import Project, resolved_dict
 from persllm.errors import DataError, PersllmError
 from persllm.progress import NULL, Progress
 from persllm.train import _model
-from persllm.train.data import pair_record
-from persllm.train.sft import (
+from persllm.train._trainer import (
     SMOKE_PROMPTS,
     common_args,
     conversation_tokens,
+    enable_fast_cpu_loss,
     finish_run,
     finish_setup,
     lean_save,
@@ -31,10 +36,12 @@ from persllm.train.sft import (
     progress_callback,
     run_fingerprint,
     run_stats,
+    smoke_budget,
     smoke_repetition,
     stack_meta,
     trainable_parameters,
 )
+from persllm.train.data import pair_record
 from persllm.types import PreferencePair
 
 log = logging.getLogger(__name__)
@@ -62,7 +69,7 @@ def train_dpo(project: Project, pairs: Sequence[PreferencePair], sft_dir: Path, 
     # only QLoRA needs the merged SFT model on disk; one copy per process under `accelerate launch`
     scratch = out_dir / (f".sft-merged-rank{dist.rank()}" if dist.is_distributed() else ".sft-merged")
     with _model.session(), _removed_after(scratch):
-        fast = _model.enable_fast_cpu_loss()
+        fast = enable_fast_cpu_loss()
         start = load_sft_result(project, sft_dir, scratch)
         tokenizer, model = start.tokenizer, start.model
         records, too_long = drop_too_long_pairs([pair_record(p) for p in pairs], tokenizer, dpo.max_length)
@@ -101,7 +108,7 @@ def train_dpo(project: Project, pairs: Sequence[PreferencePair], sft_dir: Path, 
             firsts.setdefault(pair.prompt, pair)
         smoke_pairs = list(firsts.values())[:SMOKE_PROMPTS]
         prompts = [list(p.prompt) for p in smoke_pairs]
-        budget = _model.smoke_budget(tokenizer, [p.chosen for p in smoke_pairs])
+        budget = smoke_budget(tokenizer, [p.chosen for p in smoke_pairs])
         metrics, smoke = finish_run(trainer, tokenizer, out_dir, ckpt_dir, target, stack, prompts,
                                     project.sft.keep_cot, max_new_tokens=budget,
                                     repetition=smoke_repetition(project, trainer.model))

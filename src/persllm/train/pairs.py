@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import math
-import re
-import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from persllm import text
 from persllm.config import Project
+from persllm.similarity import char_jaccard, normalize, tfidf_most_similar
 from persllm.train.data import answer_text, sample_prompt
 from persllm.types import NEGATIVE_TYPES, Negative, PreferencePair, Sample, stable_id
 
-if TYPE_CHECKING:
-    import numpy as np
-
 PEER_MIN_SIMILARITY = 0.2
 """Cosine TF-IDF similarity a peer question needs before its answer is used as an other-persona negative."""
-_PEER_CHUNK = 2048  # peer rows per similarity block, bounding memory at n_samples x 2048 floats
 
 
 def build_pairs(project: Project, samples: Sequence[Sample], negatives: Sequence[Negative],
@@ -72,7 +66,7 @@ def _pairs_for_sample(project: Project, sample: Sample, negs: Sequence[Negative]
     seen: set[str] = set()
     valid: list[tuple[Negative, float]] = []
     for neg in negs:
-        key = normalize(neg.response)
+        key = normalize(neg.response, case="lower", punctuation="space")
         if not key:
             dropped["empty"] += 1
             continue
@@ -81,7 +75,7 @@ def _pairs_for_sample(project: Project, sample: Sample, negs: Sequence[Negative]
             continue
         seen.add(key)
         # Responses only: a rejected answer may reuse the chosen analysis, which would inflate the similarity.
-        similarity = similarity_ratio(sample.response, neg.response)
+        similarity = char_jaccard(sample.response, neg.response)
         if similarity >= dpo.max_similarity:
             dropped["near_identical"] += 1
             continue
@@ -139,30 +133,7 @@ def _stats(pairs: Sequence[PreferencePair], by_id: dict[str, Sample], dropped: C
             "dropped": {k: v for k, v in sorted(dropped.items()) if v}}
 
 
-# -- similarity ------------------------------------------------------------------------------------------------
-def normalize(value: str) -> str:
-    """Lowercase NFKC text without punctuation or extra spaces, for comparisons."""
-    value = unicodedata.normalize("NFKC", value).lower()
-    value = re.sub(r"[^\w\s]", " ", value)
-    return re.sub(r"\s+", " ", value).strip()
-
-
-def char_ngrams(value: str, n: int = 3) -> set[str]:
-    """Character n-grams of the normalized text (works for English and Chinese alike)."""
-    norm = normalize(value)
-    if len(norm) <= n:
-        return {norm} if norm else set()
-    return {norm[i:i + n] for i in range(len(norm) - n + 1)}
-
-
-def similarity_ratio(a: str, b: str) -> float:
-    """Jaccard similarity of character 3-grams: 1.0 for the same text up to case, spacing and punctuation."""
-    grams_a, grams_b = char_ngrams(a), char_ngrams(b)
-    if not grams_a and not grams_b:
-        return 1.0
-    return len(grams_a & grams_b) / len(grams_a | grams_b)
-
-
+# -- other-persona negatives ------------------------------------------------------------------------------------
 def other_persona_negatives(samples: Sequence[Sample],
                             peers: Sequence[Sample]) -> tuple[list[Negative], int]:
     """For each sample, the answer another persona gave to the most similar question (TF-IDF cosine) as a negative."""
@@ -170,7 +141,7 @@ def other_persona_negatives(samples: Sequence[Sample],
     peers = [p for p in peers if p.persona not in own and p.response.strip()]
     if not samples or not peers:
         return [], len(samples)
-    best, score = most_similar(
+    best, score = tfidf_most_similar(
         [text.content_words(s.question) for s in samples], [text.content_words(p.question) for p in peers])
     negatives, misses = [], 0
     for sample, index, sim in zip(samples, best, score, strict=True):
@@ -184,48 +155,3 @@ def other_persona_negatives(samples: Sequence[Sample],
                                         "question_similarity": round(float(sim), 4)}))
     return negatives, misses
 
-
-def most_similar(queries: Sequence[Sequence[str]],
-                 docs: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
-    """Index and cosine similarity of the best doc for each query, on TF-IDF vectors (-1 where nothing overlaps).
-
-    The vocabulary is the queries' words: other words cannot add to a dot product, they only enter the doc norms.
-    Docs are scored in blocks, so memory stays at (queries x block) whatever the pool size.
-    """
-    import numpy as np
-
-    vocab: dict[str, int] = {}
-    for words in queries:
-        for word in words:
-            vocab.setdefault(word, len(vocab))
-    n_docs = len(docs) + len(queries)
-    df = Counter(w for words in list(queries) + list(docs) for w in set(words))
-    idf = {w: math.log((1 + n_docs) / (1 + c)) + 1.0 for w, c in df.items()}
-    q_matrix = _tfidf_rows(queries, vocab, idf)
-    best = np.full(len(queries), -1, dtype=np.int64)
-    score = np.zeros(len(queries), dtype=np.float32)
-    for start in range(0, len(docs), _PEER_CHUNK):
-        block = _tfidf_rows(docs[start:start + _PEER_CHUNK], vocab, idf)
-        sims = q_matrix @ block.T
-        arg = sims.argmax(axis=1)
-        top = sims[np.arange(len(queries)), arg]
-        better = top > score
-        best[better] = arg[better] + start
-        score[better] = top[better]
-    return best, score
-
-
-def _tfidf_rows(rows: Sequence[Sequence[str]], vocab: dict[str, int], idf: dict[str, float]) -> np.ndarray:
-    """L2-normalised TF-IDF rows over `vocab`; the norm counts every word, in the vocabulary or not."""
-    import numpy as np
-
-    matrix = np.zeros((len(rows), max(1, len(vocab))), dtype=np.float32)
-    for i, words in enumerate(rows):
-        counts = Counter(words)
-        weights = {w: c * idf.get(w, 1.0) for w, c in counts.items()}
-        norm = math.sqrt(sum(v * v for v in weights.values())) or 1.0
-        for word, weight in weights.items():
-            column = vocab.get(word)
-            if column is not None:
-                matrix[i, column] = weight / norm
-    return matrix

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from persllm.progress import NULL, Progress
-from persllm.train.sft import end_of_turn
+from persllm.train._trainer import end_of_turn
 from persllm.types import PreferencePair
 
 

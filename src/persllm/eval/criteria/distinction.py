@@ -9,8 +9,9 @@ from typing import Any
 
 from persllm.eval.criteria.base import Criterion, Embed, Inputs, by_key
 from persllm.eval.generate import Answer
-from persllm.eval.metrics import cosine, mean_ci, symmetric_bleu
+from persllm.eval.metrics import mean_ci, symmetric_bleu
 from persllm.eval.render import bars_html, num, table_html
+from persllm.similarity import cosine
 from persllm.types import Sample
 
 

@@ -114,7 +114,7 @@ def read_config(merged_dir: Path) -> dict[str, Any]:
     path = merged_dir / "config.json"
     if not path.is_file():
         raise ExportError(f"{merged_dir} has no config.json; export a merged model (`persllm export --merged`, "
-                          "or persllm.train.merge.merge_variant) first")
+                          "or persllm.export.merge.merge_variant) first")
     return json.loads(path.read_text(encoding="utf-8"))
 
 

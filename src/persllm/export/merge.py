@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from persllm import template
 from persllm.config import Project
@@ -74,7 +74,7 @@ def _merged(project: Project, source: Path) -> tuple[Any, Any, str, list[Path]]:
     prepare_tokenizer(tokenizer)
     # Merging happens in fp32 (exact on CPU); the result is stored in the base checkpoint's own precision.
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    if len(tokenizer) > cast(torch.Tensor, model.get_input_embeddings().weight).shape[0]:  # Tensor | Module in stubs
         model.resize_token_embeddings(len(tokenizer))
     stack = [] if full else adapter_stack(source)
     model = merge_adapters(model, stack)
