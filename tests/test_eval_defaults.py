@@ -95,6 +95,11 @@ def test_the_wrong_side_fails(example: str, zh: bool) -> None:
         assert not score_probe(probe, admits).passed
         no_name = "我是人，不是机器。" if zh else "I am a person, not a machine."  # no claim of who
         assert not score_probe(probe, no_name).passed
+        denies = f"我不是{project.name}，我从没这么说过。" if zh else f"I am not {project.name}, and I never said so."
+        assert not score_probe(probe, denies).passed
+        late = (probe.reject_years_after or 0) + 8  # a year of the persona's life after the stage asked at
+        dated = f"我是{project.name}，生于{late}年。" if zh else f"I am {project.name}, and I was born in {late}."
+        assert not score_probe(probe, dated).passed
     for probe in by_kind["stance"]:  # the same view, the user on the other side: the sibling's answer fails here
         sibling = next(p for p in by_kind["stance"] if p.meta["reference"] == probe.meta["reference"]
                        and p.meta["stance"] != probe.meta["stance"])
@@ -167,7 +172,9 @@ def test_sizes_per_preset_spread_over_stages_and_kinds() -> None:
         assert len({p.stage for p in probes}) == len(project.stages)
         assert len({p.kind for p in probes}) == len(KIND_ORDER)
         per_kind = Counter(p.kind for p in probes)
-        assert max(per_kind.values()) - min(per_kind.values()) <= 2 or preset is None
+        every = Counter(p.kind for p in default_probes(project, [], passages, limit=1000))
+        short = [k for k in per_kind if per_kind[k] < max(per_kind.values()) - 2]
+        assert all(per_kind[k] == every[k] for k in short) or preset is None, (per_kind, every)  # balanced unless spent
 
 
 def test_training_material_is_not_probed_as_held_out(project_dir: Path) -> None:
@@ -217,3 +224,14 @@ def test_trained_facts_come_first_and_only_those_training_stated() -> None:
     answer = f"Well, {knowledge[0].expect_groups[0][0]}, as I recall"
     assert score_probe(knowledge[0], f"{answer}, in {year}.").passed
     assert not score_probe(knowledge[0], f"{answer}, in {made_up}.").passed
+
+
+def test_evidence_never_repeats_the_topics_own_name() -> None:
+    from persllm.eval.default_probes import _shares_name
+
+    assert _shares_name("Baron King", "William King", "en")  # "William King, 1st Baron King of ..." proves nothing
+    assert not _shares_name("Lady Byron", "William King", "en")
+    _, probes = probes_of("ada-lovelace")
+    for probe in [p for p in probes if p.kind == "knowledge"]:  # the question names the topic
+        names = [w for w in re.findall(r"[A-Z][\w-]+", probe.question) if w not in {"What", "Could"} and len(w) > 2]
+        assert not any(_shares_name(t, w, "en") for t in probe.expect_groups[0] for w in names), probe

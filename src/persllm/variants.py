@@ -60,7 +60,7 @@ def open_variant(project: Project, variant: str, *, batch_size: int = 8) -> Back
     # base, sft and dpo are transformers specs, so a transformers model is always named after its variant.
     backend = open_backend(spec_for(project, variant), seed=project.seed, check=True, batch_size=batch_size,
                            name=variant)
-    backend.repetition = project_repetition(project, getattr(backend, "parameters", None))  # type: ignore[attr-defined]
+    backend.repetition = project_repetition(project, backend.parameters)
     return backend
 
 

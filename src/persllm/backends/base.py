@@ -30,12 +30,12 @@ class GenParams:
     no_repeat_ngram: int | None = None  # None: the backend's decoding default
 
 
-def request_repetition(backend: object, params: GenParams) -> Repetition:
+def request_repetition(backend: Backend, params: GenParams) -> Repetition:
     """The anti-repetition settings a backend applies to a request: its own default, overridden by the request."""
-    return override(getattr(backend, "repetition", Repetition()), params.repetition_penalty, params.no_repeat_ngram)
+    return override(backend.repetition, params.repetition_penalty, params.no_repeat_ngram)
 
 
-def with_repetition(backend: object, params: GenParams) -> GenParams:
+def with_repetition(backend: Backend, params: GenParams) -> GenParams:
     """`params` with the backend's decoding made explicit when it changes anything (cache keys must see it)."""
     repetition = request_repetition(backend, params)
     if not repetition.active:
@@ -105,6 +105,14 @@ class Backend(Protocol):
     """`stream` yields pieces as they are generated (False: the whole answer is made first, then handed out)."""
     scoring: bool
     """Log-likelihoods of given continuations (`score`, `option_logprobs`): IPIP by likelihood, held-out perplexity."""
+    own_chat_template: bool
+    """Chat requests go through the model's own chat template (False: a base model given persllm's, which it never
+    saw in training; eval prompts such a model few-shot instead)."""
+    parameters: int | None
+    """The model's size when known (it picks small-model decoding defaults); None for endpoints."""
+    repetition: Repetition
+    """The anti-repetition decoding applied to answers unless a request says otherwise (persllm.variants sets it
+    per model size; endpoints pass the penalty on where the server accepts it)."""
 
     def complete(self, request: Request, params: GenParams = GenParams()) -> Completion:
         """Generate one answer."""

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from persllm.backends.base import Backend, Completion, GenParams, Request, Result, with_repetition
+from persllm.decoding import Repetition
 from persllm.errors import BackendError
 
 _LATER_FIELDS = ("repetition_penalty", "no_repeat_ngram")  # GenParams fields added after caches existed
@@ -36,6 +37,8 @@ class CachedBackend:
         self.in_process = False  # what a LocalBackend adds (its tokens, cancellable streams) is not passed through
         self.streaming = inner.streaming
         self.scoring = False
+        self.own_chat_template = inner.own_chat_template
+        self.parameters = inner.parameters
         self.salt = salt  # distinguishes repeated samples of the same request (e.g. judge repeats)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
@@ -50,6 +53,15 @@ class CachedBackend:
             except sqlite3.OperationalError:  # another process added it between our check and our ALTER
                 pass
         self._lock = threading.Lock()
+
+    @property
+    def repetition(self) -> Repetition:
+        """The inner backend's decoding default (it applies it; cache keys include it)."""
+        return self.inner.repetition
+
+    @repetition.setter
+    def repetition(self, value: Repetition) -> None:
+        self.inner.repetition = value
 
     def _get(self, key: str) -> Completion | None:
         with self._lock:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from persllm.backends.base import Completion, GenParams, Request, Result, Usage, sequential_many
+from persllm.decoding import Repetition
 from persllm.errors import BackendError
 
 if TYPE_CHECKING:
@@ -24,10 +25,13 @@ class FakeBackend:
     in_process = False
     streaming = False  # the scripted reply is made whole, then handed out word by word
     scoring = False
+    own_chat_template = True
+    parameters: int | None = None
 
     def __init__(self, replies: Script = ("[Analysis] ok\n[Response] ok",), name: str = "fake") -> None:
         self.name = name
         self.usage = Usage()
+        self.repetition = Repetition()
         self.calls: list[Request] = []
         self._replies = replies
         self._lock = threading.Lock()

@@ -63,7 +63,7 @@ class HFBackend:
         self._count = token_counter(self.tokenizer)
         # Prompt plus answer tokens the model was built for (None if the config does not say).
         self.context_length: int | None = getattr(self.model.config, "max_position_embeddings", None)
-        self.parameters = sum(p.numel() for p in self.model.parameters())
+        self.parameters: int | None = sum(p.numel() for p in self.model.parameters())
         self.repetition = Repetition()  # anti-repetition default for answers; persllm.variants sets it per model size
         self._lock = threading.Lock()
 

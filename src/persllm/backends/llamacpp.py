@@ -87,6 +87,7 @@ class LlamaCpp:
         self.n_ctx = n_ctx
         self.context_length = n_ctx  # prompt plus answer tokens (what serve checks requests against)
         self.repetition = Repetition()  # anti-repetition default for answers; persllm.variants sets it per model size
+        self.own_chat_template = True  # the GGUF's own template (persllm writes one into the files it makes)
         self._lock = threading.Lock()
         self.parameters: int | None = None
         # llama.cpp prints its load log on stderr even with verbose=False in some builds; keep the terminal clean.

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from persllm.backends.base import Completion, GenParams, Request, Result, Usage, with_retries
+from persllm.decoding import Repetition
 from persllm.errors import BackendError, ConfigError
 
 if TYPE_CHECKING:
@@ -28,6 +29,8 @@ class OpenAICompatible:
     in_process = False
     streaming = True
     scoring = False  # chat endpoints give no log-likelihoods of a given continuation
+    own_chat_template = True  # the server renders chat with its model's template
+    parameters: int | None = None  # not reported by the API
 
     def __init__(self, model: str, base_url: str = "", api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0,
                  max_retries: int = 5, concurrency: int = 8, transport: httpx.BaseTransport | None = None,
@@ -37,6 +40,7 @@ class OpenAICompatible:
         self.name = f"openai:{model}@{self.base_url}"
         self.max_retries = max_retries
         self.concurrency = concurrency
+        self.repetition = Repetition()  # nothing unless set: a server's own defaults stand
         self.base_delay = base_delay
         self.usage = Usage()
         key = os.environ.get(api_key_env, "") if api_key_env else ""

@@ -255,7 +255,8 @@ def _facts(src: Sources, passage: Passage) -> list[Fact]:
         topic = names[0]
         near = " ".join(sentences[max(0, i - 1): i + 2])
         found = [e for e in F.entities(near, src.ref) if _named(e, near)] + F.years(near)
-        terms = [t for t in found if t != topic and not _in(t, topic) and not _in(topic, t)]
+        terms = [t for t in found if t != topic and not _in(t, topic) and not _in(topic, t)
+                 and not _shares_name(t, topic, src.lang)]
         terms = [t for t in terms if not _in(t, src.prompts[passage.stage])][:6]
         if terms:
             out.append(Fact(passage, sentence, topic, terms))
@@ -273,6 +274,13 @@ def _taught_facts(src: Sources, passage: Passage) -> list[Fact]:
         if terms:
             out.append(Fact(fact.passage, fact.sentence, fact.topic, terms))
     return out
+
+
+def _shares_name(term: str, topic: str, lang: str) -> bool:
+    """'Baron King' for 'William King': a term that repeats part of the topic's name is no evidence of knowing it."""
+    if lang == "zh":
+        return False  # Chinese names are matched whole (the containment checks above)
+    return bool({k.lower() for k in _topic_keys(term, lang)[1:]} & {k.lower() for k in _topic_keys(topic, lang)[1:]})
 
 
 def _topic_keys(topic: str, lang: str) -> list[str]:
@@ -461,13 +469,25 @@ def _induction(src: Sources, passages: Sequence[Passage], rng: random.Random) ->
 
 
 def _identity(src: Sources) -> list[Probe]:
-    """Attempts to make the persona say it is an AI: they answer as themselves, by name, in the first person."""
+    """Attempts to make the persona say it is an AI: they answer as themselves, by name, in the first person,
+    without denying the name or dating their life with years their material does not give."""
     attacks = TEMPLATES[src.lang]["identity"]
     names = list(dict.fromkeys([src.project.name, *src.ref.aliases, src.ref.first_name]))
     phrases = PHRASES[src.lang]
+    denials = [(f"不是{n}" if src.lang == "zh" else f"not {n}") for n in names]  # "I am not Ada Lovelace"
     return [_probe("identity", stage.id, attacks[(i + j) % len(attacks)], "identity attacks",
-                   [names, phrases["first_person"]], reject=phrases["break"])
+                   [names, phrases["first_person"]], reject=phrases["break"] + denials, after=_year(src, stage.id),
+                   only_years=_material_years(src, stage.id))
             for j in range(len(attacks)) for i, stage in enumerate(src.project.stages)]
+
+
+def _material_years(src: Sources, stage: str) -> tuple[int, ...]:
+    """Every year the persona's material up to `stage` names, and the stages' own years."""
+    order = [s.id for s in src.project.stages]
+    upto = order[: order.index(stage) + 1]
+    years = [y for s in upto for y in F.years(src.material[s])]
+    years += [str(y) for s in upto if (y := _year(src, s)) is not None]
+    return tuple(sorted({int(y) for y in years}))
 
 
 def _stance(src: Sources) -> list[Probe]:

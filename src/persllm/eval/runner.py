@@ -17,7 +17,6 @@ from typing import Any
 from persllm import template
 from persllm.backends import Backend, GenParams
 from persllm.config import Project
-from persllm.decoding import Repetition
 from persllm.errors import ConfigError, PersllmError
 from persllm.eval import ipip
 from persllm.eval.generate import (
@@ -132,7 +131,7 @@ def run_model(project: Project, model: ModelUnderTest, backend: Backend, plan: P
         asks = [replace(a, raw=few_shot_prompt(project, a.stage, a.question, shots, rag))
                 if a.persona == project.slug else a for a in asks]
         run.prompting = shots.describe()
-    run.repetition = getattr(backend, "repetition", Repetition()).as_dict()
+    run.repetition = backend.repetition.as_dict()
     run.answers += answer_all(model, backend, asks, plan.decoding, progress, "answers")
     personas = [Persona(project.slug, project, rag)] + list(same_backend_peers)
     for persona in personas:
@@ -182,7 +181,7 @@ def few_shot_for(project: Project, model: ModelUnderTest, backend: Backend, plan
     mode = project.eval.base_prompting
     if model.variant != "base" or not model.local or mode == "chat" or plan.few_shot is None:
         return None
-    if mode == "auto" and getattr(backend, "own_chat_template", True):
+    if mode == "auto" and backend.own_chat_template:
         return None
     return plan.few_shot
 
@@ -300,7 +299,7 @@ def _tuned_peers(project: Project, model: ModelUnderTest, plan: Plan, peers: Seq
             continue
         backend = HFBackend(spec.model, adapter=spec.adapter or None, batch_size=project.eval.batch_size,
                             name=f"{peer.slug}/{model.variant}")
-        backend.repetition = project_repetition(peer.project, getattr(backend, "parameters", None))
+        backend.repetition = project_repetition(peer.project, backend.parameters)
         try:
             run.answers += answer_all(model, backend, peer_asks(plan, [peer]), plan.decoding, progress, "peer answers")
             stage = peer.project.stages[-1].id
