@@ -63,6 +63,8 @@ CANDIDATES = (
     Candidate("attention-only", "demo", ("sft.target_modules=q_proj,k_proj,v_proj,o_proj",),
               "LoRA on the attention projections only"),
     Candidate("length-512", "demo", ("sft.max_length=512", "dpo.max_length=512"), "longer training sequences"),
+    Candidate("induced-0.2", "demo", ("construct.kinds={ordinary: 0.55, opinion: 0.25, induced: 0.2}",),
+              "half the share of induced (false-premise) questions: fewer trained refusals"),
     Candidate("no-general", "demo", ("sft.general_ratio=0",), "no general conversations in SFT"),
     Candidate("general-50", "demo", ("sft.general_ratio=0.5",), "twice the share of general conversations"),
     Candidate("beta-0.3", "demo", ("dpo.beta=0.3",), "DPO beta 0.3", reuses="demo"),

@@ -89,6 +89,8 @@ def test_tuned_peer_adapters_answer_without_retrieval(tmp_path: Path, monkeypatc
             return "RETRIEVED MATERIAL"
 
     class Loaded:
+        parameters = None  # the Backend attribute peers' decoding is chosen from
+
         def __init__(self, *args: object, **kwargs: object) -> None:
             pass
 

@@ -25,6 +25,7 @@ from persllm.backends.base import Completion, GenParams, Request, Result, Usage,
 from persllm.backends.fake import FakeBackend
 from persllm.backends.hf import HFBackend
 from persllm.config import Project, load_project
+from persllm.decoding import Repetition
 from persllm.serve.app import create_app
 from persllm.serve.http import key_ok, load_api_keys, serve_in_thread
 from persllm.serve.ids import Served, model_entries
@@ -40,6 +41,7 @@ class Echo:
     concurrent streams really interleave on the server; records how many streams ran at once."""
 
     concurrency, in_process, streaming, scoring = 64, False, True, False  # the Backend capabilities
+    own_chat_template, parameters, repetition = True, None, Repetition()
 
     def __init__(self, delay: float = 0.01) -> None:
         self.name, self.usage, self.delay = "echo", Usage(), delay
