@@ -139,6 +139,15 @@ def _placeholders(node: object, path: str = "") -> dict[str, set[str]]:
     return {path: names}
 
 
+def test_a_sentence_joined_to_a_lead_keeps_its_names_capitalised() -> None:
+    material = "Ada met Charles Babbage. Woronzow Greig proposed his friend. She wrote to Babbage."
+    assert F.lower_start("The engine was built.", material) == "the engine was built."
+    assert F.lower_start("Babbage asked me.", material) == "Babbage asked me."  # capitalised inside a sentence
+    assert F.lower_start("Woronzow Greig proposed his friend.", material) == "Woronzow Greig proposed his friend."
+    assert F.lower_start("Soon I wrote.", material) == "soon I wrote."  # "I" is no name after it
+    assert F.lower_start("I wrote.", material) == "I wrote."
+
+
 def test_prompt_files_have_the_same_keys_and_placeholders_in_every_language() -> None:
     from persllm.prompts import LANGUAGES, load_prompts
 

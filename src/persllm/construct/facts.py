@@ -349,11 +349,15 @@ def lower_first(text: str) -> str:
 
 def lower_start(text: str, material: str = "") -> str:
     """The text with its first letter lowercased to follow a lead-in, unless its first word is 'I' or a name
-    (a word the material also writes capitalised inside a sentence)."""
-    first = text.split()[0] if text.split() else ""
+    (a word the material also writes capitalised inside a sentence, or the first of two capitalised words:
+    "Woronzow Greig" though the material only ever starts a sentence with him)."""
+    words = text.split()
+    first = words[0] if words else ""
     if not first or first in ("I", "I'm", "I've", "I'd", "I'll") or first.isupper() or not first[:1].isupper():
         return text
-    if first.lower() not in T.STOPWORDS_EN and named_inside(first, material):
+    second = words[1] if len(words) > 1 else ""
+    if first.lower() not in T.STOPWORDS_EN and (named_inside(first, material)
+                                                or (second[:1].isupper() and second not in ("I", "I'm"))):
         return text
     return text[:1].lower() + text[1:]
 
