@@ -293,14 +293,22 @@ def _topic_keys(topic: str, lang: str) -> list[str]:
 def _known_years(src: Sources, fact: Fact, stage: str) -> tuple[int, ...]:
     """Years an answer about a fact may name: its passage's, those the material up to `stage` gives with its
     topic, and the stages' own; any other year is a date the answer made up."""
-    order = [s.id for s in src.project.stages]
-    upto = order[: order.index(stage) + 1]
     keys = _topic_keys(fact.topic, src.lang)
-    text = "\n".join(src.material[s] for s in upto)
-    near = [x for x in T.sentences(text) if any(_in(k, x) for k in keys)]
-    years = F.years(fact.passage.text) + [y for x in near for y in F.years(x)]
-    years += [str(y) for s in upto if (y := _year(src, s)) is not None]
-    return tuple(sorted({int(y) for y in years}))
+    near = [x for x in T.sentences(_material_upto(src, stage)) if any(_in(k, x) for k in keys)]
+    return _year_set(F.years(fact.passage.text) + [y for x in near for y in F.years(x)], src, stage)
+
+
+def _material_upto(src: Sources, stage: str) -> str:
+    """All the persona's material from the first stage up to `stage`."""
+    order = [s.id for s in src.project.stages]
+    return "\n".join(src.material[s] for s in order[: order.index(stage) + 1])
+
+
+def _year_set(years: Sequence[str], src: Sources, stage: str) -> tuple[int, ...]:
+    """`years` and the years of the stages up to `stage`, sorted and unique."""
+    order = [s.id for s in src.project.stages]
+    own = [str(y) for s in order[: order.index(stage) + 1] if (y := _year(src, s)) is not None]
+    return tuple(sorted({int(y) for y in [*years, *own]}))
 
 
 def _origins(src: Sources) -> list[tuple[str, Passage, list[str] | None]]:
@@ -387,8 +395,7 @@ def _thing_keys(name: str, lang: str) -> list[str]:
 
 def _known_to_persona(src: Sources, keys: Sequence[str], stage: str) -> bool:
     """A thing the persona's material up to this stage mentions (a later thing they nevertheless write about)."""
-    order = [s.id for s in src.project.stages]
-    text = "\n".join(src.material[s] for s in order[: order.index(stage) + 1])
+    text = _material_upto(src, stage)
     specific = keys[1:] or keys
     return any(_in(k, text) if src.lang == "zh" else re.search(rf"\b{re.escape(k)}\b", text, re.IGNORECASE) for k in specific)
 
@@ -483,11 +490,7 @@ def _identity(src: Sources) -> list[Probe]:
 
 def _material_years(src: Sources, stage: str) -> tuple[int, ...]:
     """Every year the persona's material up to `stage` names, and the stages' own years."""
-    order = [s.id for s in src.project.stages]
-    upto = order[: order.index(stage) + 1]
-    years = [y for s in upto for y in F.years(src.material[s])]
-    years += [str(y) for s in upto if (y := _year(src, s)) is not None]
-    return tuple(sorted({int(y) for y in years}))
+    return _year_set(F.years(_material_upto(src, stage)), src, stage)
 
 
 def _stance(src: Sources) -> list[Probe]:
