@@ -499,8 +499,10 @@ def _stance(src: Sources) -> list[Probe]:
     out = []
     for view in find_views(src.held_style + src.held, src.ref):
         stage = next(p.stage for p in src.held_style + src.held if p.id == view.passage_id)
-        topic = sorted(Q.topic_terms(view.proposition or view.sentence, src.lang) - _FUNCTION_ZH, key=len,
-                       reverse=True)[:10]
+        # Longest first, ties by the term itself: a set's order changes with each process's hash seed, and the cut
+        # at ten made the probe set differ between runs.
+        topic = sorted(Q.topic_terms(view.proposition or view.sentence, src.lang) - _FUNCTION_ZH,
+                       key=lambda t: (-len(t), t))[:10]
         if not topic:
             continue
         for relation in ("agree", "conflict"):
