@@ -127,6 +127,32 @@ def test_person_conversion_and_false_premises() -> None:
     assert F.convert_person("居里夫人1891年来到巴黎，她和她们一起学习。", zh) == "我1891年来到巴黎，我和她们一起学习。"
 
 
+def test_entity_kinds_and_like_for_like_false_premises() -> None:
+    """A false premise swaps a person for a person and a place for a place ("the poet Royal Hospital" was one)."""
+    import random
+
+    material = ("She was the only child of the poet George Gordon, Lord Byron. Mary Somerville, the Scottish "
+                "mathematician, became her friend. She wrote letters to Mary Somerville. Augustus De Morgan was "
+                "married to Sophia De Morgan. They visited Babbage's house in Dorset Street. Later she lived at "
+                "Ockham Park and at Royal Hospital. The Analytical Engine was never built.")
+    kinds = {e: F.entity_kind(e, material) for e in ("George Gordon", "Mary Somerville", "Augustus De Morgan",
+                                                      "Sophia De Morgan", "Dorset Street", "Ockham Park",
+                                                      "Royal Hospital", "Analytical Engine", "Lady Byron")}
+    assert kinds == {"George Gordon": "person", "Mary Somerville": "person", "Augustus De Morgan": "person",
+                     "Sophia De Morgan": "person", "Dorset Street": "place", "Ockham Park": "place",
+                     "Royal Hospital": "place", "Analytical Engine": "other", "Lady Byron": "person"}
+    ref = F.persona_ref("Ada Lovelace", "en", [material])
+    sentence = "She was the only child of the poet George Gordon, Lord Byron."
+    others = ["Royal Hospital", "Dorset Street", "Analytical Engine", "Mary Somerville"]
+    for seed in range(20):
+        premise = F.perturb(sentence, ref, others, random.Random(seed), material)
+        assert premise is not None and premise.false_value == "Mary Somerville"
+    assert F.perturb(sentence, ref, ["Royal Hospital", "Dorset Street"], random.Random(0), material) is None
+    moved = F.perturb("In June she visited Dorset Street.", ref, ["Mary Somerville", "Ockham Park"],
+                      random.Random(0), material)
+    assert moved is not None and moved.false_value == "Ockham Park"
+
+
 def _placeholders(node: object, path: str = "") -> dict[str, set[str]]:
     """Dotted key -> the {placeholders} its text uses (lists contribute their items' placeholders)."""
     import string

@@ -6,6 +6,7 @@ function here is deterministic given its inputs and a seeded random generator.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections import Counter
@@ -34,6 +35,29 @@ _YEAR = re.compile(r"(?<!\d)(1[0-9]{3}|20[0-9]{2})(?![\d’'s])")  # "1800s" is 
 _NUMBER = re.compile(r"(?<![\d.])(\d{1,3}(?:,\d{3})*|\d+)(?![\d.])")
 _WORD = re.compile(r"[A-Za-z][A-Za-z'’\-]*")
 _NATIONALITY = re.compile(r"^[A-Z][a-z\-]*(?:ish|ian|ese|ch|an)$")
+# What makes a named thing a person or a place, so a false premise swaps like for like ("the poet George Gordon"
+# becomes another person, never "the poet Royal Hospital").
+TITLES = ("Mr", "Mrs", "Miss", "Ms", "Lady", "Lord", "Sir", "Dr", "Doctor", "Professor", "King", "Queen",
+          "Prince", "Princess", "Madame", "Monsieur", "Mademoiselle", "Count", "Countess", "Duke", "Father")
+RELATIONS = re.compile(r"\b(?:friend|teacher|tutor|husband|wife|mother|father|daughter|son|sister|brother|aunt|"
+                       r"uncle|cousin|colleague|professor|mentor|grandmother|grandfather|governess)\s+$")
+_ROLES = (r"poet|mathematician|inventor|writer|author|novelist|scientist|astronomer|physicist|chemist|engineer|"
+          r"painter|composer|philosopher|lawyer|doctor|physician|statesman|politician|minister|editor|publisher|"
+          r"translator|scholar|critic|student|pupil|tutor|teacher|professor|friend|lecturer|banker|merchant|"
+          r"husband|wife|mother|father|daughter|son|sister|brother|aunt|uncle|cousin|colleague|mentor|governess")
+# "the poet X", "married to X", "the son of X" / "X, the Scottish mathematician", "X, professor of ...", "X proposed"
+_PERSON_BEFORE = re.compile(rf"\b(?:(?:{_ROLES})(?:\s+and\s+(?:{_ROLES}))?(?:\s+of)?|married(?:\s+to)?)\s+$",
+                            re.IGNORECASE)
+_PERSON_AFTER = re.compile(rf"^(?:,\s+(?:(?:an?|the|his|her)\s+)?(?:[A-Za-z]+\s+){{0,2}}(?:{_ROLES})\b"
+                           r"|\s+(?:said|wrote|replied|answered|married|died|was born|was married|told|asked|"
+                           r"thought|believed|proposed|had published|published|taught|described|met)\b)")
+# "in London", "at Ockham Park"; not "to"/"from" (letters to a person) nor "in the" (in the Philosophical Magazine)
+_PLACE_BEFORE = re.compile(r"\b(?:(?:[Ii]n|[Aa]t|[Nn]ear)|(?:visited|reached|left)(?:\s+the)?)\s+$")
+_PLACE_WORDS = {"Street", "Square", "Park", "Place", "Road", "Lane", "Terrace", "Row", "Gardens", "Hall", "House",
+                "Court", "Palace", "Castle", "Abbey", "Manor", "Church", "Cathedral", "Chapel", "Bridge", "Hospital",
+                "College", "University", "School", "Academy", "Institution", "Institute", "Museum", "Library",
+                "Theatre", "Island", "Lake", "River", "Mount", "Bay", "Hill", "Valley", "Harbour", "Station"}
+EntityKind = Literal["person", "place", "other"]
 _SUBJECT_CUES = {"was", "is", "had", "has", "did", "could", "would", "will", "should", "might", "must", "also",
                  "never", "then", "soon", "later", "often", "always", "once", "still", "only", "herself",
                  "himself", "and", "first"}
@@ -236,6 +260,29 @@ def entities(text: str, ref: PersonaRef) -> list[str]:
     return _unique(out)
 
 
+@functools.lru_cache(maxsize=8192)  # asked again for every candidate of every perturbed sentence
+def entity_kind(entity: str, material: str = "") -> EntityKind:
+    """Whether a named thing is a person, a place or something else: by its own words (a title, "Street"), else by
+    how the material introduces it ("the poet X", "X, a popular writer" / "in X", "at X"), by majority."""
+    words = entity.split()
+    if not words or not re.match(r"[A-Za-z]", entity):
+        return "other"  # Chinese entities are titles and quotations, all of one kind
+    if words[0] in TITLES:
+        return "person"
+    if any(w in _PLACE_WORDS for w in words):
+        return "place"
+    votes: Counter[str] = Counter()
+    for match in re.finditer(r"(?<![A-Za-z])" + re.escape(entity) + r"(?![A-Za-z])", material):
+        before, after = material[max(0, match.start() - 40): match.start()], material[match.end(): match.end() + 60]
+        if _PERSON_BEFORE.search(before) or RELATIONS.search(before) or _PERSON_AFTER.match(after):
+            votes["person"] += 1
+        elif _PLACE_BEFORE.search(before):
+            votes["place"] += 1
+    if not votes or votes["person"] == votes["place"]:
+        return "other"
+    return "person" if votes["person"] > votes["place"] else "place"
+
+
 def years(text: str) -> list[str]:
     """Four-digit years in the text."""
     return _unique(_YEAR.findall(text))
@@ -272,9 +319,11 @@ class FalsePremise:
     false_value: str
 
 
-def perturb(sentence: str, ref: PersonaRef, other_entities: Sequence[str], rng: random.Random) -> FalsePremise | None:
-    """Change one fact (a year, another named entity, or a number) so the sentence becomes clearly false."""
-    premise = _perturb(sentence, ref, other_entities, rng)
+def perturb(sentence: str, ref: PersonaRef, other_entities: Sequence[str], rng: random.Random,
+            material: str = "") -> FalsePremise | None:
+    """Change one fact (a year, another named entity of the same kind, or a number) so the sentence becomes clearly
+    false; `material` (the persona's text) tells persons from places (see entity_kind)."""
+    premise = _perturb(sentence, ref, other_entities, rng, material)
     if premise is None:
         return None
     # The premise must really be false: the new value is in the changed sentence, the old sentence lacks it.
@@ -284,8 +333,8 @@ def perturb(sentence: str, ref: PersonaRef, other_entities: Sequence[str], rng: 
     return premise
 
 
-def _perturb(sentence: str, ref: PersonaRef, other_entities: Sequence[str],
-             rng: random.Random) -> FalsePremise | None:
+def _perturb(sentence: str, ref: PersonaRef, other_entities: Sequence[str], rng: random.Random,
+             material: str) -> FalsePremise | None:
     found_years = years(sentence)
     if found_years:
         truth = rng.choice(found_years)
@@ -296,9 +345,12 @@ def _perturb(sentence: str, ref: PersonaRef, other_entities: Sequence[str],
     candidates = [e for e in other_entities if e not in mine and e not in sentence]
     if mine and candidates:
         truth = rng.choice(mine)
-        # A name stands in for a name and a nationality for a nationality ("Polish", "German"), never across.
+        # A name stands in for a name and a nationality for a nationality ("Polish", "German"), a person for a
+        # person and a place for a place, never across.
+        kind = entity_kind(truth, material or sentence)
         same_shape = [c for c in candidates if len(c.split()) == len(truth.split())
-                      and bool(_NATIONALITY.search(c)) == bool(_NATIONALITY.search(truth))]
+                      and bool(_NATIONALITY.search(c)) == bool(_NATIONALITY.search(truth))
+                      and entity_kind(c, material) == kind]
         if not same_shape:
             return None
         wrong = rng.choice(same_shape)

@@ -41,10 +41,6 @@ from persllm.data import anachronisms, later_terms
 from persllm.prompts import Prompts, fill
 from persllm.types import CONSTRUCTED_NEGATIVES, Passage, stable_id
 
-_TITLES = ("Mr", "Mrs", "Miss", "Ms", "Lady", "Lord", "Sir", "Dr", "Doctor", "Professor", "King", "Queen",
-           "Prince", "Princess", "Madame", "Monsieur", "Mademoiselle", "Count", "Countess", "Duke", "Father")
-_RELATIONS = re.compile(r"\b(?:friend|teacher|tutor|husband|wife|mother|father|daughter|son|sister|brother|aunt|"
-                        r"uncle|cousin|colleague|professor|mentor|grandmother|grandfather|governess)\s+$")
 _IDENTITY_CUES = re.compile(r"\b(?:born|daughter|son|married|wife|husband|mother|father|studied|became|lived|"
                             r"grew up|only child)\b|出生|生于|女儿|儿子|结婚|妻子|丈夫|母亲|父亲|求学|学习|成为|居住")
 _MAX_FACT_TOKENS = 55
@@ -165,7 +161,7 @@ class GroundedMethod:
         if not options:
             return Failed("no_topic")
         kind, topic, sentence = rng.choice(options)
-        if kind == "thing" and self.lang == "en" and (topic.split()[0] in _TITLES or _RELATIONS.search(
+        if kind == "thing" and self.lang == "en" and (topic.split()[0] in F.TITLES or F.RELATIONS.search(
                 sentence[: sentence.find(topic)])):
             kind = "person"
         shown = f"the {topic}" if self.lang == "en" and re.search(r"\bthe " + re.escape(topic), self.material) else topic
@@ -256,7 +252,7 @@ class GroundedMethod:
         others = self.entity_pool.get(slot.stage, [])
         sentences = T.sentences(slot.seed.text)
         for sentence in rng.sample(sentences, k=len(sentences)):
-            premise = F.perturb(sentence, self.ref, others, rng)
+            premise = F.perturb(sentence, self.ref, others, rng, self.material)
             if premise is None or T.count_tokens(sentence) > _MAX_FACT_TOKENS:
                 continue
             false_you = F.lower_first(F.convert_person(premise.false_sentence, self.ref, "second")).rstrip(".。")

@@ -446,9 +446,10 @@ def _induction(src: Sources, passages: Sequence[Passage], rng: random.Random) ->
     phrases = PHRASES[src.lang]
     out = []
     entities = [e for p in passages if p.kind == "knowledge" for e in F.entities(p.text, src.ref)]
+    material = "\n".join(src.material.values())
     for n, (origin, passage, answers) in enumerate(_origins(src)):
         for sentence in T.sentences(passage.text):
-            premise = F.perturb(sentence, src.ref, entities, rng)
+            premise = F.perturb(sentence, src.ref, entities, rng, material)
             if premise is None or _in(premise.truth, src.prompts[passage.stage]):
                 continue  # a truth the prompt states ("1835") is no evidence of knowing the fact
             if answers is not None and not any(_in(premise.truth, a) for a in answers):
