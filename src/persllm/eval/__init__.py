@@ -128,7 +128,9 @@ def fingerprint_config(project: Project) -> dict[str, Any]:
             "seed": project.seed, "peers": peers, "probe_file": digest, "interview_file": interview_digest,
             "keep_cot": project.sft.keep_cot, "temporal_labels": project.sft.temporal_labels,
             "decoding": resolved_dict(project.decoding), "small_model_decoding": SMALL_MODEL_REPETITION.as_dict(),
-            "version": "4"}  # 2: evidence probes, paired tests; 3: anti-repetition decoding; 4: trained facts, dates checked
+            # 2: evidence probes, paired tests; 3: anti-repetition decoding; 4: trained facts, dates checked;
+            # 5: false premises swap like for like
+            "version": "5"}
 
 
 # -- what to ask ------------------------------------------------------------------------------------------------------
