@@ -70,10 +70,8 @@ CANDIDATES = (
     Candidate("beta-0.3", "demo", ("dpo.beta=0.3",), "DPO beta 0.3", reuses="demo"),
     Candidate("plain-dpo", "demo", ("dpo.sft_weight=0",), "plain sigmoid DPO, without the chosen answers' LM loss",
               reuses="demo"),
-    Candidate("neg-no-other-stage", "demo", ("dpo.negative_types=[other_persona,non_personified,induced,false_refusal]",),
+    Candidate("neg-no-other-stage", "demo", ("dpo.negative_types=[other_persona,non_personified,induced]",),
               "DPO without other-stage negatives", reuses="demo"),
-    Candidate("no-false-refusal", "demo", ("dpo.negative_types=[other_stage,other_persona,non_personified,induced]",),
-              "DPO without false-refusal negatives (the setting before them)", reuses="demo"),
     Candidate("cpu", "cpu", (), "the cpu preset (twice the data, same epochs, more DPO and probes: about an hour)",
               compare_with="demo"),
 )

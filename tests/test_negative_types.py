@@ -16,7 +16,7 @@ from persllm.types import CONSTRUCTED_NEGATIVES, NEGATIVE_TYPES, NEGATIVES
 def test_defaults_come_from_the_table() -> None:
     assert ConstructConfig().negatives == [t.name for t in NEGATIVES if t.built_by == "construct"]
     assert DPOConfig().negative_types == list(NEGATIVE_TYPES)
-    assert NEGATIVE_TYPES == ("other_stage", "other_persona", "non_personified", "induced", "false_refusal")
+    assert NEGATIVE_TYPES == ("other_stage", "other_persona", "non_personified", "induced")
 
 
 def test_every_constructed_type_has_a_builder_in_each_method() -> None:

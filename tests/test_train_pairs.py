@@ -143,32 +143,6 @@ def test_other_persona_negatives_come_from_the_most_similar_peer_question(projec
     assert stats["by_type"] == {"other_persona": 1}
 
 
-def test_false_refusals_put_an_ordinary_answer_above_refusing_its_topic(project) -> None:
-    def with_meta(sample: Sample, **changes: object) -> Sample:
-        return type(sample)(**{**{f: getattr(sample, f) for f in sample.__dataclass_fields__}, **changes})
-
-    otto = with_meta(make_sample(0, question="What can you tell me about Otto?"), meta={"topic": "Otto"})
-    year = with_meta(make_sample(1, question="What happened to you in 1891?"), meta={"topic": "1891"})
-    opinion = with_meta(make_sample(2), kind="opinion")
-    project.dpo.negative_types = ["other_stage", "false_refusal"]
-    project.dpo.pairs_per_sample = 1
-    negatives = [Negative(f"o{i}", s.id, "other_stage", f"I lived in Berlin then, year {i}.")
-                 for i, s in enumerate([otto, year, opinion])]
-    pairs, stats = build_pairs(project, [otto, year, opinion], negatives)
-    by_sample = {p.sample_id: p for p in pairs}
-    refused = by_sample[otto.id]
-    assert refused.negative_type == "false_refusal" and "Otto" in refused.rejected  # first, over the rotation
-    assert refused.chosen.endswith(otto.response)
-    said = by_sample[year.id].rejected.rpartition(RESPONSE_TAG)[2]
-    assert by_sample[year.id].negative_type == "false_refusal" and said.strip() and "1891" not in said
-    assert by_sample[opinion.id].negative_type == "other_stage"  # a view is not refused knowledge
-    assert stats["by_type"] == {"other_stage": 1, "false_refusal": 2}
-    again, _ = build_pairs(project, [otto, year, opinion], negatives)
-    assert [p.id for p in again] == [p.id for p in pairs]  # the wording is drawn with the seed: stable ids
-    project.dpo.negative_types = ["other_stage"]
-    assert {p.negative_type for p in build_pairs(project, [otto, year], negatives)[0]} == {"other_stage"}
-
-
 # -- preference accuracy and the step-0 verdict -----------------------------------------------------------------
 def test_summarize_counts_normalised_and_summed_wins() -> None:
     pairs = [PreferencePair(f"p{i}", "s", t, (Message("user", "q"),), "c", "r")

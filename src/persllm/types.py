@@ -27,7 +27,6 @@ NEGATIVES: tuple[NegativeType, ...] = (
     NegativeType("other_persona", "pairs", "a peer persona's answer to a similar question"),
     NegativeType("non_personified", "construct", "a generic assistant's answer"),
     NegativeType("induced", "construct", "an answer that accepts the question's false premise"),
-    NegativeType("false_refusal", "pairs", "a refusal to know what the persona's material says it knows"),
 )
 """The one list of negative types; its order is the canonical one (config defaults, build order, stats)."""
 NEGATIVE_TYPES: tuple[str, ...] = tuple(t.name for t in NEGATIVES)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from persllm import text
 from persllm.config import Project
-from persllm.prompts import fill, load_prompts
 from persllm.similarity import char_jaccard, normalize, tfidf_most_similar
 from persllm.train.data import answer_text, sample_prompt
 from persllm.types import NEGATIVE_TYPES, Negative, PreferencePair, Sample, stable_id
@@ -31,9 +29,6 @@ def build_pairs(project: Project, samples: Sequence[Sample], negatives: Sequence
         elif neg.type not in dpo.negative_types:
             dropped["type_not_enabled"] += 1
         else:
-            candidates[neg.sample_id].append(neg)
-    if "false_refusal" in dpo.negative_types:
-        for neg in false_refusals(project, samples):
             candidates[neg.sample_id].append(neg)
     if "other_persona" in dpo.negative_types and peer_samples:
         peer_negs, no_match = other_persona_negatives(samples, peer_samples)
@@ -100,16 +95,11 @@ def _pairs_for_sample(project: Project, sample: Sample, negs: Sequence[Negative]
 
 def _type_order(sample: Sample, types: Sequence[str]) -> list[str]:
     """Negative types in the order a sample takes them: an induced sample's premise-accepting answer first (the
-    anti-induction signal), an ordinary sample's false refusal first (its mirror: a small model trained on refusals
-    of later things also refuses what it knows), otherwise a rotation by sample id, so a small per-sample cap still
-    covers every type."""
+    anti-induction signal), otherwise a rotation by sample id, so a small per-sample cap still covers every type."""
     order = list(types)
     if sample.kind == "induced" and "induced" in order:
         order.remove("induced")
         return ["induced", *order]
-    if sample.kind == "ordinary" and "false_refusal" in order:  # the over-refusal signal, as induced is above
-        order.remove("false_refusal")
-        return ["false_refusal", *order]
     shift = int(stable_id(sample.id, length=8), 16) % max(1, len(order))
     return order[shift:] + order[:shift]
 
@@ -165,26 +155,3 @@ def other_persona_negatives(samples: Sequence[Sample],
                                         "question_similarity": round(float(sim), 4)}))
     return negatives, misses
 
-
-
-# -- false refusals ------------------------------------------------------------------------------------------------
-def false_refusals(project: Project, samples: Sequence[Sample]) -> list[Negative]:
-    """For each ordinary sample, a refusal to know what its golden answer tells from the persona's material.
-
-    Trained on the induced items' refusals of later things, a small model also refuses what the persona knows ("I
-    have never heard of George Gordon", of her own father); this pair puts the answer above that refusal."""
-    prompts = load_prompts(project.language if project.language in ("en", "zh") else "en")
-    named, plain = prompts.get("negative.false_refusal.topic"), prompts.get("negative.false_refusal.plain")
-    out = []
-    for sample in samples:
-        if sample.kind != "ordinary" or not sample.response.strip():
-            continue
-        rng = random.Random(stable_id(project.seed, sample.id, "false_refusal"))
-        topic = str(sample.meta.get("topic") or "")
-        if topic and not any(c.isdigit() for c in topic) and topic in sample.question:  # a year is no thing to deny
-            response = fill(rng.choice(named), topic=topic)
-        else:
-            response = rng.choice(plain)
-        out.append(Negative(id=stable_id("false_refusal", sample.id, response), sample_id=sample.id,
-                            type="false_refusal", response=response, analysis="", meta={"topic": topic}))
-    return out
