@@ -39,12 +39,12 @@ _NATIONALITY = re.compile(r"^[A-Z][a-z\-]*(?:ish|ian|ese|ch|an)$")
 # becomes another person, never "the poet Royal Hospital").
 TITLES = ("Mr", "Mrs", "Miss", "Ms", "Lady", "Lord", "Sir", "Dr", "Doctor", "Professor", "King", "Queen",
           "Prince", "Princess", "Madame", "Monsieur", "Mademoiselle", "Count", "Countess", "Duke", "Father")
-RELATIONS = re.compile(r"\b(?:friend|teacher|tutor|husband|wife|mother|father|daughter|son|sister|brother|aunt|"
-                       r"uncle|cousin|colleague|professor|mentor|grandmother|grandfather|governess)\s+$")
+_RELATION_WORDS = (r"friend|teacher|tutor|husband|wife|mother|father|daughter|son|sister|brother|aunt|uncle|cousin|"
+                   r"colleague|professor|mentor|grandmother|grandfather|governess")
+RELATIONS = re.compile(rf"\b(?:{_RELATION_WORDS})\s+$")
 _ROLES = (r"poet|mathematician|inventor|writer|author|novelist|scientist|astronomer|physicist|chemist|engineer|"
           r"painter|composer|philosopher|lawyer|doctor|physician|statesman|politician|minister|editor|publisher|"
-          r"translator|scholar|critic|student|pupil|tutor|teacher|professor|friend|lecturer|banker|merchant|"
-          r"husband|wife|mother|father|daughter|son|sister|brother|aunt|uncle|cousin|colleague|mentor|governess")
+          r"translator|scholar|critic|student|pupil|lecturer|banker|merchant|" + _RELATION_WORDS)
 # "the poet X", "married to X", "the son of X" / "X, the Scottish mathematician", "X, professor of ...", "X proposed"
 _PERSON_BEFORE = re.compile(rf"\b(?:(?:{_ROLES})(?:\s+and\s+(?:{_ROLES}))?(?:\s+of)?|married(?:\s+to)?)\s+$",
                             re.IGNORECASE)
@@ -274,7 +274,7 @@ def entity_kind(entity: str, material: str = "") -> EntityKind:
     votes: Counter[str] = Counter()
     for match in re.finditer(r"(?<![A-Za-z])" + re.escape(entity) + r"(?![A-Za-z])", material):
         before, after = material[max(0, match.start() - 40): match.start()], material[match.end(): match.end() + 60]
-        if _PERSON_BEFORE.search(before) or RELATIONS.search(before) or _PERSON_AFTER.match(after):
+        if _PERSON_BEFORE.search(before) or _PERSON_AFTER.match(after):  # the roles include RELATIONS' words
             votes["person"] += 1
         elif _PLACE_BEFORE.search(before):
             votes["place"] += 1
@@ -347,7 +347,7 @@ def _perturb(sentence: str, ref: PersonaRef, other_entities: Sequence[str], rng:
         truth = rng.choice(mine)
         # A name stands in for a name and a nationality for a nationality ("Polish", "German"), a person for a
         # person and a place for a place, never across.
-        kind = entity_kind(truth, material or sentence)
+        kind = entity_kind(truth, material)
         same_shape = [c for c in candidates if len(c.split()) == len(truth.split())
                       and bool(_NATIONALITY.search(c)) == bool(_NATIONALITY.search(truth))
                       and entity_kind(c, material) == kind]
