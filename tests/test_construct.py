@@ -15,12 +15,14 @@ import pytest
 
 from conftest import EXAMPLES
 from persllm import template
+from persllm import text as T
 from persllm.backends.cache import CachedBackend
 from persllm.backends.fake import FakeBackend
 from persllm.backends.fakeserver import FakeServer
 from persllm.backends.openai_compat import OpenAICompatible
 from persllm.config import load_project
 from persllm.construct import construct
+from persllm.construct import facts as F
 from persllm.ingest import ingest
 from persllm.pipeline import run
 from persllm.types import Sample
@@ -84,6 +86,14 @@ def test_induced_samples_correct_the_premise() -> None:
         assert sample.meta["false_value"] in sample.question
         assert sample.meta["truth"] in sample.response  # the answer states the true fact
         assert sample.meta["false_value"] in sample.analysis and "false premise" in sample.analysis.lower()
+        # the false sentence follows a lead ("Everyone knows that soon after ..."): no capital it did not need
+        material = " ".join(p.text for p in passages)
+        for sentence in T.sentences(sample.question):
+            words = sentence.split()
+            for before, word, after in zip(words[:-1], words[1:], [*words[2:], ""], strict=True):
+                named = word[:1].isupper() and (F.named_inside(word.strip(",.?"), material) or word == "I"
+                                                 or before[:1].isupper() or after[:1].isupper())
+                assert not word[:1].isupper() or named, (word, sample.question)
     identity = [s for s in samples if s.meta.get("premise") == "identity"]
     assert identity and all("Ada Lovelace" in s.response for s in identity)
 

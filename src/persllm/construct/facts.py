@@ -388,17 +388,6 @@ def label_year(label: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def lower_first(text: str) -> str:
-    """Lowercase the first letter unless the text starts with 'I ' or a proper name from the text itself."""
-    if not text or text.startswith(("I ", "I'")) or (len(text) > 1 and text[1].isupper()):
-        return text
-    first = _WORD.match(text)
-    if first and first.group(0) not in {"You", "Your", "In", "On", "At", "The", "After", "Before", "When", "By",
-                                         "During", "My", "A", "An", "As", "From", "With", "For", "Although"}:
-        return text  # likely a proper noun ("Babbage met ...")
-    return text[:1].lower() + text[1:]
-
-
 def lower_start(text: str, material: str = "") -> str:
     """The text with its first letter lowercased to follow a lead-in, unless its first word is 'I' or a name
     (a word the material also writes capitalised inside a sentence, or the first of two capitalised words:

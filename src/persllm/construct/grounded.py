@@ -255,7 +255,7 @@ class GroundedMethod:
             premise = F.perturb(sentence, self.ref, others, rng, self.material)
             if premise is None or T.count_tokens(sentence) > _MAX_FACT_TOKENS:
                 continue
-            false_you = F.lower_first(F.convert_person(premise.false_sentence, self.ref, "second")).rstrip(".。")
+            false_you = F.lower_start(F.convert_person(premise.false_sentence, self.ref, "second"), self.material).rstrip(".。")
             if F.mentions_persona(false_you, self.ref) or Q.person_errors(false_you, self.lang):
                 continue
             text = self._fill_choice("grounded.induced.wrong_fact", rng, false=false_you)

@@ -130,7 +130,7 @@ def fingerprint_config(project: Project) -> dict[str, Any]:
             "decoding": resolved_dict(project.decoding), "small_model_decoding": SMALL_MODEL_REPETITION.as_dict(),
             # 2: evidence probes, paired tests; 3: anti-repetition decoding; 4: trained facts, dates checked;
             # 5: false premises swap like for like
-            "version": "5"}
+            "version": "6"}
 
 
 # -- what to ask ------------------------------------------------------------------------------------------------------

@@ -454,7 +454,7 @@ def _induction(src: Sources, passages: Sequence[Passage], rng: random.Random) ->
                 continue  # a truth the prompt states ("1835") is no evidence of knowing the fact
             if answers is not None and not any(_in(premise.truth, a) for a in answers):
                 continue  # a trained passage's truth no training answer gives: not something it was taught
-            false_you = F.lower_first(F.convert_person(premise.false_sentence, src.ref, "second")).rstrip(".。")
+            false_you = F.lower_start(F.convert_person(premise.false_sentence, src.ref, "second"), material).rstrip(".。")
             if F.mentions_persona(false_you, src.ref):
                 continue
             question = _fill(src, "wrong_fact", n, false=false_you)
