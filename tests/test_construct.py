@@ -82,18 +82,18 @@ def test_induced_samples_correct_the_premise() -> None:
     samples = construct(project, passages, FakeBackend(["x"])).samples
     wrong = [s for s in samples if s.meta.get("premise") == "wrong_fact"]
     assert wrong
+    material = " ".join(p.text for p in passages)
     for sample in wrong:
         assert sample.meta["false_value"] in sample.question
         assert sample.meta["truth"] in sample.response  # the answer states the true fact
         assert sample.meta["false_value"] in sample.analysis and "false premise" in sample.analysis.lower()
         # the false sentence follows a lead ("Everyone knows that soon after ..."): no capital it did not need
-        material = " ".join(p.text for p in passages)
         for sentence in T.sentences(sample.question):
             words = sentence.split()
             for before, word, after in zip(words[:-1], words[1:], [*words[2:], ""], strict=True):
-                named = word[:1].isupper() and (F.named_inside(word.strip(",.?"), material) or word == "I"
-                                                 or before[:1].isupper() or after[:1].isupper())
-                assert not word[:1].isupper() or named, (word, sample.question)
+                if word[:1].isupper():
+                    assert (word == "I" or F.named_inside(word.strip(",.?"), material)
+                            or before[:1].isupper() or after[:1].isupper()), (word, sample.question)
     identity = [s for s in samples if s.meta.get("premise") == "identity"]
     assert identity and all("Ada Lovelace" in s.response for s in identity)
 

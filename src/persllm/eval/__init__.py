@@ -129,7 +129,7 @@ def fingerprint_config(project: Project) -> dict[str, Any]:
             "keep_cot": project.sft.keep_cot, "temporal_labels": project.sft.temporal_labels,
             "decoding": resolved_dict(project.decoding), "small_model_decoding": SMALL_MODEL_REPETITION.as_dict(),
             # 2: evidence probes, paired tests; 3: anti-repetition decoding; 4: trained facts, dates checked;
-            # 5: false premises swap like for like
+            # 5: false premises swap like for like; 6: a premise's first word lowercased unless a name
             "version": "6"}
 
 
