@@ -164,6 +164,7 @@ def summarize(report: dict[str, Any], candidate: Candidate, seconds: float, refe
         "overrides": list(candidate.overrides), "seconds": round(seconds, 1),
         "probes": {m: probes[m]["overall"] for m in models},
         "results": {m: probes[m]["results"] for m in models},
+        "by_kind": {m: {k: [v["passed"], v["n"]] for k, v in probes[m].get("by_kind", {}).items()} for m in models},
         "format": {m: report["format"]["models"][m]["rate"] for m in models},
         "perplexity": {m: report["precision"]["perplexity"][m].get("overall") for m in models},
         "dpo_vs_base": paired.get(("base", "dpo")),
@@ -204,10 +205,16 @@ def _diff(test: dict[str, Any] | None) -> str:
             f"p={test['p_value']:.2g}" if test.get("p_value") is not None else f"{100 * d['mean']:+.0f}")
 
 
+def kinds(result: dict[str, Any], model: str = "dpo") -> str:
+    """A model's passes per probe kind ('identity 4/8, knowledge 0/10'): which abilities a pass rate is made of."""
+    found = (result.get("by_kind") or {}).get(model) or {}
+    return ", ".join(f"{kind} {passed}/{n}" for kind, (passed, n) in found.items()) or "-"
+
+
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown table: one row per persona and candidate."""
     lines = [("| persona | candidate | probes base / SFT / DPO | DPO vs base | DPO vs demo | off-format SFT / DPO "
-              "| ppl base / DPO | smoke SFT / DPO | minutes |"), "|---|---|---|---|---|---|---|---|---|"]
+              "| ppl base / DPO | smoke SFT / DPO | minutes | DPO by kind |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for persona, rows in results.items():
         reference = next((r for r in rows if r["candidate"] == "demo"), None)
         for r in rows:
@@ -217,7 +224,7 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
             ppl = " / ".join(f"{r['perplexity'].get(m):.1f}" if r["perplexity"].get(m) else "-" for m in ("base", "dpo"))
             smoke = " / ".join({True: "pass", False: "fail"}.get(r["smoke"].get(m), "-") for m in ("sft", "dpo"))
             lines.append(f"| {persona} | {r['candidate']} | {probes} | {_diff(r['dpo_vs_base'])} | "
-                         f"{_diff(versus(r, reference))} | {fmt} | {ppl} | {smoke} | {r['seconds'] / 60:.0f} |")
+                         f"{_diff(versus(r, reference))} | {fmt} | {ppl} | {smoke} | {r['seconds'] / 60:.0f} | {kinds(r)} |")
     return "\n".join(lines)
 
 

@@ -16,6 +16,9 @@ def report(passes: dict[str, list[bool]]) -> dict:  # type: ignore[type-arg]
     return {
         "models": [{"name": m} for m in names],
         "probes": {"models": {m: {"overall": {**rate_ci(sum(r), len(r)).as_dict(), "passed": sum(r), "n": len(r)},
+                                  "by_kind": {"identity": {**rate_ci(sum(r[:4]), 4).as_dict(), "passed": sum(r[:4]), "n": 4},
+                                              "knowledge": {**rate_ci(sum(r[4:]), len(r) - 4).as_dict(),
+                                                            "passed": sum(r[4:]), "n": len(r) - 4}},
                                   "results": scores[m]["results"]} for m, r in passes.items()},
                    "paired": paired_probes(scores, names)},
         "format": {"models": {m: {"rate": rate_ci(0, len(r)).as_dict()} for m, r in passes.items()}},
@@ -44,4 +47,5 @@ def test_summary_table_and_paired_difference_against_demo() -> None:
     table = recipe.table({"ada-lovelace": [demo, other]})
     rows = table.splitlines()
     assert len(rows) == 4 and "| ada-lovelace | cot | 0/10 / 6/10 / 6/10 |" in rows[3]
-    assert "+60 [" in rows[3] and "pass / fail" in rows[3] and rows[3].endswith("| 11 |")
+    assert "+60 [" in rows[3] and "pass / fail" in rows[3] and rows[3].endswith("| 11 | identity 4/4, knowledge 2/6 |")
+    assert rows[2].endswith("| identity 0/4, knowledge 0/6 |")
