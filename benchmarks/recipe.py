@@ -56,6 +56,8 @@ CANDIDATES = (
               reuses="demo"),
     Candidate("steps-30", "demo", ("sft.max_steps=30", "sft.save_steps=15"), "half the SFT steps"),
     Candidate("steps-120", "demo", ("sft.max_steps=120", "sft.save_steps=60"), "twice the SFT steps"),
+    Candidate("steps-240", "demo", ("sft.max_steps=240", "sft.save_steps=80"),
+              "four times the SFT steps (about 7.5 epochs: do more passes fit the persona's facts?)"),
     Candidate("lr-1e-4", "demo", ("sft.learning_rate=1e-4",), "half the SFT learning rate"),
     Candidate("lr-4e-4", "demo", ("sft.learning_rate=4e-4",), "twice the SFT learning rate"),
     Candidate("rank-8", "demo", ("sft.lora_r=8", "sft.lora_alpha=16"), "LoRA rank 8"),
