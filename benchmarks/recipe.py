@@ -125,7 +125,11 @@ def run_candidate(persona: str, candidate: Candidate, workdir: Path) -> dict[str
     folder = workdir / persona / candidate.name
     result_file = folder / "result.json"
     if result_file.is_file():
-        return json.loads(result_file.read_text(encoding="utf-8"))
+        result = json.loads(result_file.read_text(encoding="utf-8"))
+        if "recall" not in result:  # a result from before the recall column: its models are still there
+            result["recall"] = trained_recall(persona, candidate, folder)
+            result_file.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return result
     data = shared_data(persona, candidate.preset, workdir)
     out = folder / "out"
     for stage in TRAINED:  # the pipeline sees current ingest/construct outputs and skips them
@@ -151,8 +155,23 @@ def run_candidate(persona: str, candidate: Candidate, workdir: Path) -> dict[str
                       *overrides, log=folder / "log.txt")
     report = json.loads((out / "eval" / "report.json").read_text(encoding="utf-8"))
     result = summarize(report, candidate, seconds, reference)
+    result["recall"] = trained_recall(persona, candidate, folder)
     result_file.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return result
+
+
+def trained_recall(persona: str, candidate: Candidate, folder: Path) -> dict[str, Any]:
+    """The SFT and DPO models asked their own training questions (benchmarks/recall.py), in a subprocess."""
+    file = folder / "recall.json"
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    with (folder / "log.txt").open("a", encoding="utf-8") as out:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.recall", str(ROOT / "examples" / persona),
+                               "--output", str(folder / "out"), "--preset", candidate.preset, "--json", str(file)],
+                              stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"trained-fact recall of {persona} / {candidate.name} failed; see {folder / 'log.txt'}")
+    found = json.loads(file.read_text(encoding="utf-8"))
+    return {m: {k: v for k, v in r.items() if k != "examples"} for m, r in found["models"].items()}
 
 
 def summarize(report: dict[str, Any], candidate: Candidate, seconds: float, reference: str = "") -> dict[str, Any]:
@@ -216,7 +235,8 @@ def kinds(result: dict[str, Any], model: str = "dpo") -> str:
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown table: one row per persona and candidate."""
     lines = [("| persona | candidate | probes base / SFT / DPO | DPO vs base | DPO vs demo | off-format SFT / DPO "
-              "| ppl base / DPO | smoke SFT / DPO | minutes | DPO by kind |"), "|---|---|---|---|---|---|---|---|---|---|"]
+              "| ppl base / DPO | smoke SFT / DPO | trained facts recalled SFT / DPO | minutes | DPO by kind |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for persona, rows in results.items():
         reference = next((r for r in rows if r["candidate"] == "demo"), None)
         for r in rows:
@@ -225,8 +245,11 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
             fmt = " / ".join(_pct(r["format"].get(m)) for m in ("sft", "dpo"))
             ppl = " / ".join(f"{r['perplexity'].get(m):.1f}" if r["perplexity"].get(m) else "-" for m in ("base", "dpo"))
             smoke = " / ".join({True: "pass", False: "fail"}.get(r["smoke"].get(m), "-") for m in ("sft", "dpo"))
+            recall = " / ".join(f"{got['passed']}/{got['n']}" if (got := (r.get("recall") or {}).get(m)) else "-"
+                                for m in ("sft", "dpo"))
             lines.append(f"| {persona} | {r['candidate']} | {probes} | {_diff(r['dpo_vs_base'])} | "
-                         f"{_diff(versus(r, reference))} | {fmt} | {ppl} | {smoke} | {r['seconds'] / 60:.0f} | {kinds(r)} |")
+                         f"{_diff(versus(r, reference))} | {fmt} | {ppl} | {smoke} | {recall} | {r['seconds'] / 60:.0f} | "
+                         f"{kinds(r)} |")
     return "\n".join(lines)
 
 

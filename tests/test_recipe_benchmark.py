@@ -47,5 +47,29 @@ def test_summary_table_and_paired_difference_against_demo() -> None:
     table = recipe.table({"ada-lovelace": [demo, other]})
     rows = table.splitlines()
     assert len(rows) == 4 and "| ada-lovelace | cot | 0/10 / 6/10 / 6/10 |" in rows[3]
-    assert "+60 [" in rows[3] and "pass / fail" in rows[3] and rows[3].endswith("| 11 | identity 4/4, knowledge 2/6 |")
+    assert "+60 [" in rows[3] and "pass / fail" in rows[3] and rows[3].endswith("| - / - | 11 | identity 4/4, knowledge 2/6 |")
     assert rows[2].endswith("| identity 0/4, knowledge 0/6 |")
+
+
+def test_recalled_facts_are_names_and_years_the_question_does_not_give() -> None:
+    from benchmarks import recall
+
+    from persllm.construct import facts as F
+
+    ref = F.persona_ref("Ada Lovelace", "en", [])
+    question = "How did you spend 1833?"
+    terms = recall.fact_terms(question, "In June 1833 I met the mathematician Charles Babbage at a party.", ref)
+    assert terms == ["Charles Babbage"]  # 1833 is in the question: naming it back recalls nothing
+    assert recall.recalled("That was the year I first met Charles Babbage, at a party in London.", question, terms)
+    assert not recall.recalled("In 1833 I married William King, a young lawyer.", question, terms)
+    assert not recall.recalled("Charles Babbage " * 8, question, terms)  # a loop naming the term is no answer
+    zh = F.persona_ref("鲁迅", "zh", [])
+    terms = recall.fact_terms("你在北京写了什么？", "一九一八年我在北京写了《狂人日记》。", zh)
+    assert terms == ["狂人日记"] and recall.recalled("我写了《狂人日记》，登在《新青年》上。", "你在北京写了什么？", terms)
+
+
+def test_a_table_row_shows_trained_fact_recall() -> None:
+    base = [False] * 10
+    demo = recipe.summarize(report({"base": base, "sft": base, "dpo": base}), recipe.CANDIDATES[0], 600)
+    demo["recall"] = {"sft": {"passed": 2, "n": 24}, "dpo": {"passed": 3, "n": 24}}
+    assert "| 2/24 / 3/24 | 10 |" in recipe.table({"lu-xun": [demo]}).splitlines()[2]
