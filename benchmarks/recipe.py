@@ -74,7 +74,7 @@ CANDIDATES = (
               reuses="demo"),
     Candidate("neg-no-other-stage", "demo", ("dpo.negative_types=[other_persona,non_personified,induced]",),
               "DPO without other-stage negatives", reuses="demo"),
-    Candidate("cpu", "cpu", (), "the cpu preset (twice the data, same epochs, more DPO and probes: about an hour)",
+    Candidate("cpu", "cpu", (), "the cpu preset (twice the data, about eight SFT epochs, more probes: about an hour)",
               compare_with="demo"),
 )
 

@@ -561,15 +561,16 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-# Sized for about an hour on 2 CPU cores (its one end-to-end run, on 鲁迅, did not beat demo: benchmarks/README.md,
-# recipe): the demo's recipe with what differs. The recipe sweep found that more epochs over the same samples hurt the 270M model (120 SFT
-# steps: fewer probes passed, held-out perplexity x45), so the extra hour goes to data, not epochs: four questions per
-# passage (more wordings of each fact), more general requests, SFT steps for about the demo's 2.5 epochs, 3x the DPO
-# steps and twice the probes (narrower intervals).
+# Sized for about an hour on 2 CPU cores: the demo's recipe with what differs. 60 steps (about two epochs) teach the
+# 270M model the persona's voice but not its facts: asked its own training questions, Ada's demo SFT model named a
+# fact of the golden answer in 2 of 21; after 240 steps over the same data (about 7.5 epochs) in 21 of 21, and it
+# passed 13 of the 60 demo probes instead of 8, knowledge probes 3 of 10 instead of 0 (benchmarks/README.md,
+# recipe, steps-240). So the hour goes to fitting the facts: four questions per passage (more wordings of each
+# fact), more general requests, about eight epochs of SFT over them, the demo's share of DPO pairs, more probes.
 PRESETS["cpu"] = _deep_merge(copy.deepcopy(PRESETS["demo"]), {
     "construct": {"questions_per_passage": 4, "general_per_stage": 10},
-    "sft": {"max_steps": 120, "save_steps": 40},
-    "dpo": {"max_steps": 30, "save_steps": 10},
+    "sft": {"max_steps": 400, "save_steps": 100},
+    "dpo": {"max_steps": 20, "save_steps": 10},
     "eval": {"max_probes": 80, "max_new_tokens": 96, "heldout_questions": 4},
 })
 
