@@ -6,7 +6,8 @@ runs `persllm run` on a copy of it, so the probes are the same for all and every
 the same items). A candidate is a preset plus `--set` overrides; its row gives the probe pass rates (base, SFT, DPO,
 Wilson intervals), the paired difference of DPO against the prompted base and against the `demo` candidate (Newcombe
 interval, McNemar p), the share of answers off the trained format, held-out perplexity of the persona's own words,
-the SFT and DPO smoke tests and the wall time of training plus evaluation.
+the SFT and DPO smoke tests, the trained facts the tuned models recall (benchmarks/recall.py), the DPO model's
+passes per probe kind and the wall time of training plus evaluation.
 
     python -m benchmarks recipe                                   # every candidate on both examples (hours)
     PERSLLM_RECIPE=demo,cot python -m benchmarks recipe           # some candidates
