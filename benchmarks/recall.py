@@ -54,10 +54,10 @@ def measure(example: Path, output: Path, preset: str, models: Sequence[str] = ("
     asks = asks[:limit]
     out: dict[str, Any] = {"n": len(asks), "models": {}}
     params = GenParams(temperature=0.0, max_tokens=project.eval.max_new_tokens)
+    requests = [list(persona_messages(project, s["stage"], s["question"])) for s, _ in asks]
     for model in models:
         backend = variants.open_variant(project, model)
         try:
-            requests = [list(persona_messages(project, s["stage"], s["question"])) for s, _ in asks]
             texts = {i: getattr(c, "text", "") for i, c in backend.complete_many(requests, params)}
         finally:
             backend.close()

@@ -97,17 +97,18 @@ def selected(names: str | None) -> list[Candidate]:
     return [by_name[n] for n in wanted]
 
 
-def persllm(*args: str, log: Path) -> float:
-    """Run the persllm CLI in a subprocess (each run frees its memory), appending to `log`; return wall seconds."""
+def persllm(*args: str, log: Path, module: str = "persllm") -> float:
+    """Run the persllm CLI (or another `python -m` module) in a subprocess (each run frees its memory), appending to
+    `log`; return wall seconds."""
     started = time.monotonic()
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     with log.open("a", encoding="utf-8") as out:
-        out.write(f"$ persllm {' '.join(args)}\n")
+        out.write(f"$ {module} {' '.join(args)}\n")
         out.flush()
-        proc = subprocess.run([sys.executable, "-m", "persllm", *args], stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.run([sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT,
                               env=env, cwd=ROOT, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"persllm {' '.join(args)} failed (exit {proc.returncode}); see {log}")
+        raise RuntimeError(f"{module} {' '.join(args)} failed (exit {proc.returncode}); see {log}")
     return time.monotonic() - started
 
 
@@ -164,13 +165,8 @@ def run_candidate(persona: str, candidate: Candidate, workdir: Path) -> dict[str
 def trained_recall(persona: str, candidate: Candidate, folder: Path) -> dict[str, Any]:
     """The SFT and DPO models asked their own training questions (benchmarks/recall.py), in a subprocess."""
     file = folder / "recall.json"
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    with (folder / "log.txt").open("a", encoding="utf-8") as out:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.recall", str(ROOT / "examples" / persona),
-                               "--output", str(folder / "out"), "--preset", candidate.preset, "--json", str(file)],
-                              stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"trained-fact recall of {persona} / {candidate.name} failed; see {folder / 'log.txt'}")
+    persllm(str(ROOT / "examples" / persona), "--output", str(folder / "out"), "--preset", candidate.preset,
+            "--json", str(file), log=folder / "log.txt", module="benchmarks.recall")
     found = json.loads(file.read_text(encoding="utf-8"))
     return {m: {k: v for k, v in r.items() if k != "examples"} for m, r in found["models"].items()}
 
