@@ -77,6 +77,12 @@ CANDIDATES = (
               "DPO without other-stage negatives", reuses="demo"),
     Candidate("cpu", "cpu", (), "the cpu preset (twice the data, about eight SFT epochs, more probes: about an hour)",
               compare_with="demo"),
+    Candidate("cpu-dpo-10", "cpu", ("dpo.max_steps=10", "dpo.save_steps=5"),
+              "the cpu preset with the demo's 10 DPO steps (does a shorter DPO keep the SFT model's identity answers?)",
+              reuses="cpu", compare_with="demo"),
+    Candidate("cpu-lm-3", "cpu", ("dpo.sft_weight=3",),
+              "the cpu preset with three times the chosen answers' LM loss in DPO (closer to the SFT model)",
+              reuses="cpu", compare_with="demo"),
 )
 
 
