@@ -83,6 +83,10 @@ CANDIDATES = (
     Candidate("cpu-lm-3", "cpu", ("dpo.sft_weight=3",),
               "the cpu preset with three times the chosen answers' LM loss in DPO (closer to the SFT model)",
               reuses="cpu", compare_with="demo"),
+    Candidate("cpu-ordinary", "cpu", ("construct.kinds={ordinary: 0.6, opinion: 0.2, induced: 0.2}",
+                                      "dpo.max_steps=10", "dpo.save_steps=5"),
+              "the cpu preset with its extra questions per passage spent on ordinary ones (the demo's number of "
+              "induced items per passage, three times its ordinary ones) and cpu-dpo-10's DPO", compare_with="demo"),
 )
 
 
