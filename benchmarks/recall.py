@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,20 @@ def recalled(answer: str, question: str, terms: Sequence[str]) -> bool:
     from persllm.eval.probes import contains, garbage
 
     return any(contains(answer, t) for t in terms) and not garbage(answer, question)
+
+
+def answers(results: Iterable[tuple[int, Any]], model: str) -> dict[int, str]:
+    """Answer texts by request index; a request the backend failed stops the measurement (a failure is not an
+    answer that missed the fact)."""
+    from persllm.errors import BackendError
+
+    texts = {}
+    for i, result in results:
+        if isinstance(result, BackendError):
+            raise SystemExit(f"recall: model {model!r} failed on question {i + 1}: {result}; fix the model or its "
+                             "backend and rerun (nothing was written)")
+        texts[i] = result.text
+    return texts
 
 
 def measure(example: Path, output: Path, preset: str, models: Sequence[str] = ("sft", "dpo"),
@@ -58,7 +72,7 @@ def measure(example: Path, output: Path, preset: str, models: Sequence[str] = ("
     for model in models:
         backend = variants.open_variant(project, model)
         try:
-            texts = {i: getattr(c, "text", "") for i, c in backend.complete_many(requests, params)}
+            texts = answers(backend.complete_many(requests, params), model)
         finally:
             backend.close()
         hits = [recalled(texts.get(i, ""), s["question"], terms) for i, (s, terms) in enumerate(asks)]

@@ -68,6 +68,18 @@ def test_recalled_facts_are_names_and_years_the_question_does_not_give() -> None
     assert terms == ["狂人日记"] and recall.recalled("我写了《狂人日记》，登在《新青年》上。", "你在北京写了什么？", terms)
 
 
+def test_recall_stops_on_a_failed_answer_instead_of_counting_it_a_miss() -> None:
+    from benchmarks import recall
+
+    from persllm.backends.base import Completion
+    from persllm.errors import BackendError
+
+    assert recall.answers([(1, Completion("Charles Babbage")), (0, Completion("Lady Byron"))], "sft") == \
+        {0: "Lady Byron", 1: "Charles Babbage"}
+    with pytest.raises(SystemExit, match="model 'dpo' failed on question 2: out of memory"):
+        recall.answers([(0, Completion("Lady Byron")), (1, BackendError("out of memory"))], "dpo")
+
+
 def test_a_table_row_shows_trained_fact_recall() -> None:
     base = [False] * 10
     demo = recipe.summarize(report({"base": base, "sft": base, "dpo": base}), recipe.CANDIDATES[0], 600)
