@@ -87,6 +87,9 @@ CANDIDATES = (
                                       "dpo.max_steps=10", "dpo.save_steps=5"),
               "the cpu preset with its extra questions per passage spent on ordinary ones (the demo's number of "
               "induced items per passage, three times its ordinary ones) and cpu-dpo-10's DPO", compare_with="demo"),
+    Candidate("cpu-steps-200", "cpu", ("sft.max_steps=200", "sft.save_steps=100", "dpo.max_steps=10",
+                                       "dpo.save_steps=5"),
+              "cpu-dpo-10 with half the SFT steps (about five epochs: where is the knee?)", compare_with="demo"),
 )
 
 
