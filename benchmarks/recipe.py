@@ -77,19 +77,17 @@ CANDIDATES = (
               "DPO without other-stage negatives", reuses="demo"),
     Candidate("cpu", "cpu", (), "the cpu preset (twice the data, about eight SFT epochs, more probes: about an hour)",
               compare_with="demo"),
-    Candidate("cpu-dpo-10", "cpu", ("dpo.max_steps=10", "dpo.save_steps=5"),
-              "the cpu preset with the demo's 10 DPO steps (does a shorter DPO keep the SFT model's identity answers?)",
+    Candidate("cpu-dpo-20", "cpu", ("dpo.max_steps=20", "dpo.save_steps=10"),
+              "the cpu preset with twice the DPO steps (its setting until 2026-12-03)", reuses="cpu",
+              compare_with="demo"),
+    Candidate("cpu-lm-3", "cpu", ("dpo.max_steps=20", "dpo.save_steps=10", "dpo.sft_weight=3"),
+              "cpu-dpo-20 with three times the chosen answers' LM loss in DPO (closer to the SFT model)",
               reuses="cpu", compare_with="demo"),
-    Candidate("cpu-lm-3", "cpu", ("dpo.sft_weight=3",),
-              "the cpu preset with three times the chosen answers' LM loss in DPO (closer to the SFT model)",
-              reuses="cpu", compare_with="demo"),
-    Candidate("cpu-ordinary", "cpu", ("construct.kinds={ordinary: 0.6, opinion: 0.2, induced: 0.2}",
-                                      "dpo.max_steps=10", "dpo.save_steps=5"),
+    Candidate("cpu-ordinary", "cpu", ("construct.kinds={ordinary: 0.6, opinion: 0.2, induced: 0.2}",),
               "the cpu preset with its extra questions per passage spent on ordinary ones (the demo's number of "
-              "induced items per passage, three times its ordinary ones) and cpu-dpo-10's DPO", compare_with="demo"),
-    Candidate("cpu-steps-200", "cpu", ("sft.max_steps=200", "sft.save_steps=100", "dpo.max_steps=10",
-                                       "dpo.save_steps=5"),
-              "cpu-dpo-10 with half the SFT steps (about five epochs: where is the knee?)", compare_with="demo"),
+              "induced items per passage, three times its ordinary ones)", compare_with="demo"),
+    Candidate("cpu-steps-200", "cpu", ("sft.max_steps=200", "sft.save_steps=100"),
+              "the cpu preset with half the SFT steps (about five epochs: where is the knee?)", compare_with="demo"),
 )
 
 
