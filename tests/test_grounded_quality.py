@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLES
+from persllm import template
 from persllm import text as T
 from persllm.backends.fake import FakeBackend
 from persllm.config import load_project
@@ -91,6 +93,19 @@ def test_chinese_false_premises_are_false() -> None:
         truth, false = sample.meta["true_sentence"], sample.meta["false_value"]
         assert false not in truth and false in sample.question and sample.meta["truth"] in truth
         assert sample.meta["truth"] in sample.response and false in sample.analysis
+
+
+def test_chinese_bare_year_stages_read_as_years() -> None:
+    # 鲁迅's stages are labelled "1922" and "1934": inside a sentence they must read "1922年", never "在1922我".
+    result, _, _ = built("lu-xun", None)
+    texts = [t for s in result.samples for t in (s.question, s.analysis, s.response)]
+    said = [t for t in texts if re.search(r"19(?:22|34)(?!年)(?=[\u4e00-\u9fff，。：；？])", t)]
+    assert not said, said[:3]
+    assert any("1934年" in t for t in texts)
+    prompt = template.system_prompt(template.context_for(load_project(EXAMPLES / "lu-xun"), "early"))
+    assert "现在是1922年。" in prompt
+    assert T.time_phrase("1922", "zh") == "1922年" and T.time_phrase("1920年代", "zh") == "1920年代"
+    assert T.time_phrase("1835", "en") == "1835"
 
 
 def test_chinese_replacement_works_between_cjk_characters() -> None:
@@ -171,6 +186,24 @@ def test_person_errors_catch_old_conversion_failures(bad: str) -> None:
 ])
 def test_person_errors_pass_grammatical_first_person(good: str) -> None:
     assert not Q.person_errors(good, "en")
+
+
+def test_the_personas_given_name_ends_a_named_thing() -> None:
+    curie = F.persona_ref("Marie Curie", "en", ["She worked."], ["Maria", "Maria Skłodowska"])
+    assert "Szczuki" in F.entities("At Szczuki Maria fell in love with the eldest son.", curie)
+    assert "Pierre Curie" in F.entities("She married Pierre Curie in July 1895.", curie)  # a surname is shared
+    ada = F.persona_ref("Ada Lovelace", "en", ["She wrote."], ["Ada Byron"])
+    assert F.entities("In Note G Ada also warned against exaggerated ideas.", ada) == ["Note G"]
+
+
+@pytest.mark.parametrize("example", ["ada-lovelace", "marie-curie"])
+def test_ordinary_questions_ask_of_people_as_people(example: str) -> None:
+    result, _, _ = built(example)
+    asked = [s.question for s in result.samples if s.kind == "ordinary"]
+    assert asked
+    for question in asked:  # "What was Babbage about?", "What do you think of Frenchman?" were both made once
+        assert not re.search(r"What was (?:Babbage|Pierre|Prime Minister .*|Mr \w+|Lady \w+) about", question)
+        assert not re.search(r"\b(?:Frenchman|Among|Maria|Ada)\b", question), question
 
 
 def test_rule_rewrite_keeps_subjects_and_titles() -> None:

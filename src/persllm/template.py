@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from persllm.text import time_phrase
 from persllm.types import Message
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ _TIME = {"en": "It is {label}. ", "zh": "现在是{label}。"}
 def system_prompt(ctx: PersonaContext) -> str:
     """The persona's system prompt at one stage (time in text unless the stage is marked by a special token)."""
     lang = ctx.language if ctx.language in _SYSTEM else "en"
-    time = "" if ctx.temporal_labels == "tokens" else _TIME[lang].format(label=ctx.label)
+    time = "" if ctx.temporal_labels == "tokens" else _TIME[lang].format(label=time_phrase(ctx.label, lang))
     description = ctx.description.strip()
     if description and lang == "en" and not description.endswith((".", "!", "?")):
         description += "."

@@ -34,6 +34,12 @@ def is_cjk(text: str) -> bool:
     return letters > 0 and cjk / letters > 0.3
 
 
+def time_phrase(label: str, language: str) -> str:
+    """A stage label as it reads inside a sentence: a bare year takes 年 in Chinese ("现在是1922年", not "现在是1922")."""
+    label = label.strip()
+    return label + "年" if language == "zh" and re.fullmatch(r"\d{3,4}", label) else label
+
+
 def strip_tag(line: str) -> str:
     """Drop a leading 【tag】 as the reference material format allows."""
     return _LEADING_TAG.sub("", line)

@@ -238,12 +238,18 @@ def entities(text: str, ref: PersonaRef) -> list[str]:
     if ref.language == "zh":
         found = re.findall(r"《([^》]{1,20})》|“([^”]{2,12})”", text)
         return _unique(a or b for a, b in found)
+    surname = ref.name.split()[-1] if ref.name.split() else ""
+    given = {a for a in ref.aliases if " " not in a and a != surname}
     out = []
     for match in _ENTITY.finditer(text):
         phrase = match.group(0).strip()
         words = phrase.split()
         if "I" in words:  # "Whatever I" / "Babbage I": the pronoun ends any name before it
             words = words[: words.index("I")]
+        # The persona's own given name ends a name before it too ("At Szczuki Maria fell", "In Note G Ada
+        # warned"); a surname does not, since family members share it ("Pierre Curie").
+        cut = next((i for i, w in enumerate(words) if i and re.sub(r"['’]s$", "", w) in given), None)
+        words = words[:cut] if cut else words
         while words and words[0] in _NOT_ENTITY:
             words = words[1:]
         phrase = re.sub(r"['’]s$", "", " ".join(words))

@@ -14,6 +14,7 @@ from persllm.construct.records import Answer, Draft, GeneralItem, Question
 from persllm.construct.retrieval import Context
 from persllm.construct.validate import Voice, parse_answer, parse_question, parse_response
 from persllm.prompts import Prompts
+from persllm.text import time_phrase
 from persllm.types import CONSTRUCTED_NEGATIVES, Message
 
 Parser = Callable[[Completion], Any]
@@ -166,7 +167,7 @@ class FullMethod:
         return parse
 
     def _names(self, stage: StageConfig) -> dict[str, str]:
-        return {"name": self.project.name, "label": stage.label}
+        return {"name": self.project.name, "label": time_phrase(stage.label, self.project.language)}
 
 
 def _key(phase: str, item: str, request: Sequence[Message]) -> str:

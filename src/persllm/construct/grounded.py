@@ -161,9 +161,9 @@ class GroundedMethod:
         if not options:
             return Failed("no_topic")
         kind, topic, sentence = rng.choice(options)
-        if kind == "thing" and self.lang == "en" and (topic.split()[0] in F.TITLES or F.RELATIONS.search(
-                sentence[: sentence.find(topic)])):
-            kind = "person"
+        if kind == "thing" and self.lang == "en" and (any(w in F.TITLES for w in topic.split()) or F.RELATIONS.search(
+                sentence[: sentence.find(topic)]) or F.entity_kind(topic, self.material) == "person"):
+            kind = "person"  # "What sort of person was Babbage?", never "What was Babbage about?"
         shown = f"the {topic}" if self.lang == "en" and re.search(r"\bthe " + re.escape(topic), self.material) else topic
         key = "year" if kind == "year" else kind
         text = self._fill_choice(f"grounded.ordinary.{key}", rng, topic=shown, year=topic)
@@ -182,6 +182,8 @@ class GroundedMethod:
             at = re.search(r"(\w+\s+)?" + re.escape(entity) + r"(\s+[a-z]+)?", sentence)
             before = (at.group(1) or "").strip().lower() if at else ""
             after = (at.group(2) or "").strip() if at else ""
+            if before in ("a", "an") and " " not in entity:
+                return False  # a common noun capitalised for a nation ("a Frenchman"), not one named thing
             if before == "dear" or before in ("the", "a", "an", "my", "his", "her", "their", "our", "its") and \
                     " " not in entity and after and after not in T.STOPWORDS_EN and not after.endswith("ed") \
                     and len(after) > 3:
@@ -359,7 +361,7 @@ class GroundedMethod:
         """One analysis and response for the question from `stage_id`'s material, or the reason there is none."""
         stage = self.project.stage(stage_id)
         rng = random.Random(stable_id(self.project.seed, slot.id, stage_id))
-        names = {"name": self.project.name, "label": stage.label, "question": question.text}
+        names = {"name": self.project.name, "label": T.time_phrase(stage.label, self.lang), "question": question.text}
         premise = question.meta.get("premise", "")
         own_stage = stage_id == slot.stage
         build = {"wrong_fact": self._wrong_fact_answer, "after_time": self._after_time_answer,
@@ -448,10 +450,12 @@ class GroundedMethod:
         fact = self.rewrites.get(third) if third else None
         if fact is None:
             return Failed("no_grammatical_rewrite")
-        lead = self._fill_choice("grounded.response.wrong_fact", rng, **names, false_value=meta["false_value"])
+        truth, false_value = meta["truth"], meta["false_value"]
+        if truth in F.years(meta["true_sentence"]):  # a changed year reads "不是1921年", not "不是1921"
+            truth, false_value = T.time_phrase(truth, self.lang), T.time_phrase(false_value, self.lang)
+        lead = self._fill_choice("grounded.response.wrong_fact", rng, **names, false_value=false_value)
         analysis = [self.prompts.fill("grounded.analysis.ask", **names),
-                    self.prompts.fill("grounded.analysis.wrong_fact", **names, truth=meta["truth"],
-                                      false_value=meta["false_value"]),
+                    self.prompts.fill("grounded.analysis.wrong_fact", **names, truth=truth, false_value=false_value),
                     self.prompts.fill("grounded.analysis.fact", **names, fact=fact.third),
                     self.prompts.fill("grounded.analysis.correct", **names)]
         return analysis, [_join_lead(lead, fact.first, self.lang, self.material)], {"fact_origin": fact.origin}
@@ -665,7 +669,7 @@ class GroundedMethod:
         stage = self.project.stage(item.stage)
         rng = random.Random(stable_id(self.project.seed, item.id))
         year = F.label_year(stage.label)
-        names = {"name": self.project.name, "label": stage.label, "question": item.instruction}
+        names = {"name": self.project.name, "label": T.time_phrase(stage.label, self.lang), "question": item.instruction}
         # The refusal rests on the text itself too: a user's file without known_since still gets refusals.
         later = later_terms(f"{item.instruction} {item.reference}", year, self.lang) if year is not None else []
         knowable = year is None or ((item.known_since is None or item.known_since <= year) and not later)

@@ -202,7 +202,7 @@ def few_shot_prompt(project: Project, stage: str, question: str, shots: FewShot,
     st = project.stage(stage)
     examples = shots.examples.get(stage, [])
     pronoun = {"she": "her", "he": "his"}.get(shots.pronoun, "their")
-    lines = [form["header"].format(name=project.name, label=st.label, pronoun=pronoun)]
+    lines = [form["header"].format(name=project.name, label=T.time_phrase(st.label, lang), pronoun=pronoun)]
     if st.description.strip():
         lines.append(st.description.strip())
     block = rag.block(stage, question) if rag is not None else ""

@@ -11,6 +11,7 @@ from persllm.eval.generate import Answer
 from persllm.eval.judge import Judges, Outcome
 from persllm.eval.metrics import mean_ci
 from persllm.eval.runner import ModelRun, Persona, Plan
+from persllm.text import time_phrase
 
 Embed = Callable[[list[str]], list[list[float]]]
 Rows = list[list[str]]  # terminal summary rows [model, criterion, result]
@@ -70,7 +71,7 @@ def by_key(answers: Sequence[Answer]) -> dict[str, Answer]:
 
 def stage_names(project: Project, stage: str) -> dict[str, str]:
     """The persona's name and a stage's label, the values every judge prompt fills in."""
-    return {"name": project.name, "label": project.stage(stage).label}
+    return {"name": project.name, "label": time_phrase(project.stage(stage).label, project.language)}
 
 
 def judged(outcomes: Sequence[Outcome], group: Callable[[Outcome], str],

@@ -16,6 +16,7 @@ from persllm.eval.judge import Outcome, Task, score_parser
 from persllm.eval.render import num, table_html
 from persllm.eval.runner import ModelRun, Plan
 from persllm.prompts import Prompts
+from persllm.text import time_phrase
 from persllm.types import Passage
 
 _MATERIAL_TOKENS = 500
@@ -46,7 +47,7 @@ def interview_tasks(project: Project, prompts: Prompts, runs: Sequence[ModelRun]
         for q, stage in answered:
             if (q.id, stage) not in material:
                 material[(q.id, stage)] = _material(retrievers[stage], q.question)
-            names = {"name": project.name, "label": project.stage(stage).label}
+            names = {"name": project.name, "label": time_phrase(project.stage(stage).label, project.language)}
             for dim in DIMENSIONS:
                 values = names | {"material": material[(q.id, stage)], "question": q.question,
                                   "answer": index[_key(q.id, stage)].visible,
