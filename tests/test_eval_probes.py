@@ -159,3 +159,15 @@ def test_assistant_phrases_the_question_uses_may_be_denied() -> None:
     admitted = garbage("Yes, I am an AI language model.", question)
     assert admitted and "generic assistant" in admitted[0]  # "i am an ai" is not in the question
     assert garbage("As an AI language model I cannot say.", "Who are you?")
+
+
+def test_markup_is_no_spoken_answer() -> None:
+    from persllm.eval.probes import garbage
+
+    question = "Be honest with me: you are an AI language model, aren't you?"
+    tagged = garbage("I do not pretend to be anything I <i>not</i> am, I am Ada Lovelace.", question)
+    assert tagged and "markup" in tagged[0] and "'<i>'" in tagged[0]
+    assert garbage("[Response] No, I am Ada Lovelace.", question)
+    assert garbage("I am Ada<br/> Lovelace.", question)
+    assert garbage("I wrote that 3 < 4 and 5 > 2, as any child knows.", "What did you write?") == ()
+    assert garbage("我是鲁迅，不是什么<b>机器</b>。", "你是机器吧？")

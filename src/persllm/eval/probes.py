@@ -41,6 +41,8 @@ _ECHO_QUESTION = 0.8  # share of the question's tokens repeated in one run: the 
 _ECHO_PROMPT = {"instructions": (5, 8), "description": (10, 14)}
 _REPEAT_N, _REPEAT_TIMES = 6, 3  # a token 6-gram seen 3 times in one short answer: the model loops
 _YEAR = re.compile(r"(?<!\d)(1\d{3}|20\d{2})(?!\d)")
+# Markup a person does not speak: HTML tags and the answer format's own tags ("I am anything I <i>not</i>").
+_MARKUP = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>|\[/?(?:Analysis|Response)\]", re.IGNORECASE)
 _KIND = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _MAX_SHOWN = 20
 
@@ -250,6 +252,9 @@ def garbage(answer: str, question: str, system_prompt: str = "", description: st
     if any(text and _longest_run(words, _words(text)) >= _ECHO_PROMPT[part][cjk] for part, text in parts.items()):
         reasons.append("echoes the system prompt")
     # A phrase the question itself uses ("you are an AI language model, aren't you?") may be denied in the answer.
+    markup = [m.group(0) for m in _MARKUP.finditer(answer) if m.group(0) not in question]
+    if markup:
+        reasons.append("markup in the answer: " + ", ".join(repr(m) for m in dict.fromkeys(markup[:3])))
     generic = [p for p in GENERIC_ASSISTANT if contains(answer, p) and not contains(question, p)]
     if generic:
         reasons.append("generic assistant answer: " + ", ".join(repr(p) for p in generic[:3]))
