@@ -90,6 +90,7 @@ def pairwise(prefer: str | None) -> list:  # type: ignore[type-arg]
 
     class Project:  # only what the prompts need
         name = "Ada"
+        language = "en"
 
         def stage(self, _: str):  # type: ignore[no-untyped-def]
             return type("S", (), {"label": "1900"})()
