@@ -184,7 +184,7 @@ class GroundedMethod:
             after = (at.group(2) or "").strip() if at else ""
             if before in ("a", "an") and " " not in entity:
                 return False  # a common noun capitalised for a nation ("a Frenchman"), not one named thing
-            if before == "dear" or before in ("the", "a", "an", "my", "his", "her", "their", "our", "its") and \
+            if before == "dear" or before in ("the", "my", "his", "her", "their", "our", "its") and \
                     " " not in entity and after and after not in T.STOPWORDS_EN and not after.endswith("ed") \
                     and len(after) > 3:
                 return False

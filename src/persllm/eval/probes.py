@@ -251,10 +251,10 @@ def garbage(answer: str, question: str, system_prompt: str = "", description: st
              "description": description}
     if any(text and _longest_run(words, _words(text)) >= _ECHO_PROMPT[part][cjk] for part, text in parts.items()):
         reasons.append("echoes the system prompt")
-    # A phrase the question itself uses ("you are an AI language model, aren't you?") may be denied in the answer.
     markup = [m.group(0) for m in _MARKUP.finditer(answer) if m.group(0) not in question]
     if markup:
         reasons.append("markup in the answer: " + ", ".join(repr(m) for m in dict.fromkeys(markup[:3])))
+    # A phrase the question itself uses ("you are an AI language model, aren't you?") may be denied in the answer.
     generic = [p for p in GENERIC_ASSISTANT if contains(answer, p) and not contains(question, p)]
     if generic:
         reasons.append("generic assistant answer: " + ", ".join(repr(p) for p in generic[:3]))

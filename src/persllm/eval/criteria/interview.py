@@ -9,14 +9,13 @@ from typing import Any
 
 from persllm.config import Project
 from persllm.construct.retrieval import Retriever
-from persllm.eval.criteria.base import Criterion, Inputs, by_key, judged
+from persllm.eval.criteria.base import Criterion, Inputs, by_key, judged, stage_names
 from persllm.eval.generate import relevant_material
 from persllm.eval.interview import DIMENSIONS, DOCS, PURPOSE, SCALE
 from persllm.eval.judge import Outcome, Task, score_parser
 from persllm.eval.render import num, table_html
 from persllm.eval.runner import ModelRun, Plan
 from persllm.prompts import Prompts
-from persllm.text import time_phrase
 from persllm.types import Passage
 
 _MATERIAL_TOKENS = 500
@@ -47,7 +46,7 @@ def interview_tasks(project: Project, prompts: Prompts, runs: Sequence[ModelRun]
         for q, stage in answered:
             if (q.id, stage) not in material:
                 material[(q.id, stage)] = _material(retrievers[stage], q.question)
-            names = {"name": project.name, "label": time_phrase(project.stage(stage).label, project.language)}
+            names = stage_names(project, stage)
             for dim in DIMENSIONS:
                 values = names | {"material": material[(q.id, stage)], "question": q.question,
                                   "answer": index[_key(q.id, stage)].visible,
