@@ -45,6 +45,7 @@ class Candidate:
     what: str
     reuses: str = ""  # a candidate whose trained stages this one starts from; the pipeline retrains what differs
     compare_with: str = ""  # a candidate of another preset whose DPO model is evaluated on this one's probes too
+    replicates: str = ""  # the candidate this one repeats under another seed: their paired differences are pooled
 
 
 # One factor at a time against the shipped `demo` preset (the same data, the same probes), plus the `cpu` preset.
@@ -75,6 +76,9 @@ CANDIDATES = (
               reuses="demo"),
     Candidate("neg-no-other-stage", "demo", ("dpo.negative_types=[other_persona,non_personified,induced]",),
               "DPO without other-stage negatives", reuses="demo"),
+    Candidate("demo-seed-7", "demo", ("seed=7",),
+              "the demo preset with another project seed (its own data split, questions, probes and training order): "
+              "how far one demo run's margin is the recipe's and how far its draw's", replicates="demo"),
     Candidate("cpu", "cpu", (), "the cpu preset (twice the data, about eight SFT epochs, more probes: about an hour)",
               compare_with="demo"),
     Candidate("cpu-dpo-20", "cpu", ("dpo.max_steps=20", "dpo.save_steps=10"),
@@ -220,6 +224,37 @@ def versus(result: dict[str, Any], reference: dict[str, Any] | None, model: str 
     return paired([a[k] for k in shared], [b[k] for k in shared]).as_dict()
 
 
+def pooled(rows: list[dict[str, Any]], name: str, model: str = "dpo", against: str = "base") -> dict[str, Any] | None:
+    """Paired difference of `model` against `against` over candidate `name` and its replicates (other seeds), each
+    on its own probes: one run turns on a probe or two, the pool on n times the runs."""
+    from persllm.eval.metrics import paired
+
+    a: list[bool] = []
+    b: list[bool] = []
+    for r in rows:
+        if r["candidate"] == name or named(r["candidate"]).replicates == name:
+            x, y = r["results"].get(against, {}), r["results"].get(model, {})
+            shared = [k for k in x if k in y]
+            a += [x[k] for k in shared]
+            b += [y[k] for k in shared]
+    return paired(a, b).as_dict() if a else None
+
+
+def pooled_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One line per persona and candidate with replicates: SFT and DPO against the base over all its seeds."""
+    lines = []
+    for persona, rows in results.items():
+        for name in dict.fromkeys(named(r["candidate"]).replicates for r in rows if named(r["candidate"]).replicates):
+            runs = [r for r in rows if r["candidate"] == name or named(r["candidate"]).replicates == name]
+            if len(runs) < 2:
+                continue
+            dpo, sft = pooled(runs, name), pooled(runs, name, "sft")
+            n = dpo["n"] if dpo else 0
+            lines.append(f"{persona} / {name} over {len(runs)} seeds (n={n}): SFT vs base {_diff(sft)}, "
+                         f"DPO vs base {_diff(dpo)}")
+    return lines
+
+
 def _pct(estimate: dict[str, Any] | None) -> str:
     if not estimate or estimate.get("mean") is None:
         return "n/a"
@@ -271,7 +306,8 @@ def sweep(candidates: list[Candidate], personas: list[str], workdir: Path) -> di
             results.setdefault(persona, []).append(result)
             print(f"    probes {json.dumps({m: p['passed'] for m, p in result['probes'].items()})} of "
                   f"{next(iter(result['probes'].values()))['n']}, {result['seconds'] / 60:.1f} min", flush=True)
-    (workdir / "recipe.md").write_text(table(results) + "\n", encoding="utf-8")
+    (workdir / "recipe.md").write_text("\n".join([table(results), "", *pooled_lines(results)]) + "\n",
+                                       encoding="utf-8")
     return results
 
 
@@ -280,7 +316,7 @@ def run() -> list[dict[str, Any]]:
     workdir = Path(os.environ.get("PERSLLM_RECIPE_DIR", ROOT / "benchmarks" / ".recipe"))
     personas = [p for p in os.environ.get("PERSLLM_RECIPE_PERSONAS", ",".join(PERSONAS)).split(",") if p]
     results = sweep(selected(os.environ.get("PERSLLM_RECIPE")), personas, workdir)
-    print(table(results), flush=True)
+    print("\n".join([table(results), "", *pooled_lines(results)]), flush=True)
     rows = []
     for persona, items in results.items():
         for r in items:
@@ -303,7 +339,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".recipe")
     args = parser.parse_args()
     results = sweep(selected(args.candidates), [p for p in args.personas.split(",") if p], args.workdir)
-    print(table(results))
+    print("\n".join([table(results), "", *pooled_lines(results)]))
 
 
 if __name__ == "__main__":

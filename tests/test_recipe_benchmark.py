@@ -51,6 +51,22 @@ def test_summary_table_and_paired_difference_against_demo() -> None:
     assert rows[2].endswith("| identity 0/4, knowledge 0/6 |")
 
 
+def test_replicates_pool_their_paired_differences_over_seeds() -> None:
+    # Each seed has its own probes: the pool concatenates each run's pairs, so n adds up and the interval narrows.
+    base, three, four = [False] * 10, [True] * 3 + [False] * 7, [True] * 4 + [False] * 6
+    demo = recipe.summarize(report({"base": base, "sft": base, "dpo": three}), recipe.named("demo"), 600)
+    again = recipe.summarize(report({"base": base, "sft": four, "dpo": four}), recipe.named("demo-seed-7"), 600)
+    cot = recipe.summarize(report({"base": base, "sft": base, "dpo": base}), recipe.named("cot"), 600)
+    test = recipe.pooled([demo, again, cot], "demo")
+    assert test is not None and test["n"] == 20 and test["only_b"] == 7 and test["only_a"] == 0
+    one = recipe.pooled([demo], "demo")
+    assert one is not None and one["difference"]["low"] < test["difference"]["low"]
+    lines = recipe.pooled_lines({"ada-lovelace": [demo, again, cot]})
+    sft = recipe._diff(recipe.pooled([demo, again], "demo", "sft"))
+    assert lines == [f"ada-lovelace / demo over 2 seeds (n=20): SFT vs base {sft}, DPO vs base {recipe._diff(test)}"]
+    assert recipe.pooled_lines({"ada-lovelace": [demo, cot]}) == []  # no replicate run: nothing to pool
+
+
 def test_recalled_facts_are_names_and_years_the_question_does_not_give() -> None:
     from benchmarks import recall
 
