@@ -231,13 +231,17 @@ def pooled(rows: list[dict[str, Any]], name: str, model: str = "dpo", against: s
 
     a: list[bool] = []
     b: list[bool] = []
-    for r in rows:
-        if r["candidate"] == name or named(r["candidate"]).replicates == name:
-            x, y = r["results"].get(against, {}), r["results"].get(model, {})
-            shared = [k for k in x if k in y]
-            a += [x[k] for k in shared]
-            b += [y[k] for k in shared]
+    for r in _runs_of(rows, name):
+        x, y = r["results"].get(against, {}), r["results"].get(model, {})
+        shared = [k for k in x if k in y]
+        a += [x[k] for k in shared]
+        b += [y[k] for k in shared]
     return paired(a, b).as_dict() if a else None
+
+
+def _runs_of(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The results of candidate `name` and of its replicates."""
+    return [r for r in rows if r["candidate"] == name or named(r["candidate"]).replicates == name]
 
 
 def pooled_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -245,7 +249,7 @@ def pooled_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = []
     for persona, rows in results.items():
         for name in dict.fromkeys(named(r["candidate"]).replicates for r in rows if named(r["candidate"]).replicates):
-            runs = [r for r in rows if r["candidate"] == name or named(r["candidate"]).replicates == name]
+            runs = _runs_of(rows, name)
             if len(runs) < 2:
                 continue
             dpo, sft = pooled(runs, name), pooled(runs, name, "sft")
@@ -296,6 +300,11 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def summary(results: dict[str, list[dict[str, Any]]]) -> str:
+    """The table, then the pooled lines of candidates run under several seeds."""
+    return "\n".join([table(results), "", *pooled_lines(results)])
+
+
 def sweep(candidates: list[Candidate], personas: list[str], workdir: Path) -> dict[str, list[dict[str, Any]]]:
     """Run every candidate on every persona (resuming), printing each result as it lands."""
     results: dict[str, list[dict[str, Any]]] = {}
@@ -306,8 +315,7 @@ def sweep(candidates: list[Candidate], personas: list[str], workdir: Path) -> di
             results.setdefault(persona, []).append(result)
             print(f"    probes {json.dumps({m: p['passed'] for m, p in result['probes'].items()})} of "
                   f"{next(iter(result['probes'].values()))['n']}, {result['seconds'] / 60:.1f} min", flush=True)
-    (workdir / "recipe.md").write_text("\n".join([table(results), "", *pooled_lines(results)]) + "\n",
-                                       encoding="utf-8")
+    (workdir / "recipe.md").write_text(summary(results) + "\n", encoding="utf-8")
     return results
 
 
@@ -316,7 +324,7 @@ def run() -> list[dict[str, Any]]:
     workdir = Path(os.environ.get("PERSLLM_RECIPE_DIR", ROOT / "benchmarks" / ".recipe"))
     personas = [p for p in os.environ.get("PERSLLM_RECIPE_PERSONAS", ",".join(PERSONAS)).split(",") if p]
     results = sweep(selected(os.environ.get("PERSLLM_RECIPE")), personas, workdir)
-    print("\n".join([table(results), "", *pooled_lines(results)]), flush=True)
+    print(summary(results), flush=True)
     rows = []
     for persona, items in results.items():
         for r in items:
@@ -339,7 +347,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".recipe")
     args = parser.parse_args()
     results = sweep(selected(args.candidates), [p for p in args.personas.split(",") if p], args.workdir)
-    print("\n".join([table(results), "", *pooled_lines(results)]))
+    print(summary(results))
 
 
 if __name__ == "__main__":
