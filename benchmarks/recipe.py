@@ -81,6 +81,9 @@ CANDIDATES = (
               "how far one demo run's margin is the recipe's and how far its draw's", replicates="demo"),
     Candidate("cpu", "cpu", (), "the cpu preset (twice the data, about eight SFT epochs, more probes: about an hour)",
               compare_with="demo"),
+    Candidate("cpu-seed-7", "cpu", ("seed=7",),
+              "the cpu preset under another project seed, against demo-seed-7's DPO model on its probes",
+              compare_with="demo-seed-7", replicates="cpu"),
     Candidate("cpu-dpo-20", "cpu", ("dpo.max_steps=20", "dpo.save_steps=10"),
               "the cpu preset with twice the DPO steps (its setting until 2026-12-03)", reuses="cpu",
               compare_with="demo"),
@@ -232,7 +235,9 @@ def pooled(rows: list[dict[str, Any]], name: str, model: str = "dpo", against: s
     a: list[bool] = []
     b: list[bool] = []
     for r in _runs_of(rows, name):
-        x, y = r["results"].get(against, {}), r["results"].get(model, {})
+        # "reference": the compared candidate's DPO model (cpu against demo), which answered this run's probes too.
+        x = (r.get("reference") or {}).get("results", {}) if against == "reference" else r["results"].get(against, {})
+        y = r["results"].get(model, {})
         shared = [k for k in x if k in y]
         a += [x[k] for k in shared]
         b += [y[k] for k in shared]
@@ -254,8 +259,10 @@ def pooled_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
                 continue
             dpo, sft = pooled(runs, name), pooled(runs, name, "sft")
             n = dpo["n"] if dpo else 0
-            lines.append(f"{persona} / {name} over {len(runs)} seeds (n={n}): SFT vs base {_diff(sft)}, "
-                         f"DPO vs base {_diff(dpo)}")
+            line = f"{persona} / {name} over {len(runs)} seeds (n={n}): SFT vs base {_diff(sft)}, DPO vs base {_diff(dpo)}"
+            if named(name).compare_with and (versus_reference := pooled(runs, name, against="reference")):
+                line += f", DPO vs {named(name).compare_with}'s DPO {_diff(versus_reference)}"
+            lines.append(line)
     return lines
 
 

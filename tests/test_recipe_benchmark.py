@@ -67,6 +67,17 @@ def test_replicates_pool_their_paired_differences_over_seeds() -> None:
     assert recipe.pooled_lines({"ada-lovelace": [demo, cot]}) == []  # no replicate run: nothing to pool
 
 
+def test_cpu_replicates_pool_against_the_demo_model_that_answered_their_probes() -> None:
+    base, two, five = [False] * 10, [True] * 2 + [False] * 8, [True] * 5 + [False] * 5
+    cpu_runs = []
+    for name, reference in (("cpu", "demo"), ("cpu-seed-7", "demo-seed-7")):
+        found = report({"base": base, "sft": five, "dpo": five, reference: two})
+        cpu_runs.append(recipe.summarize(found, recipe.named(name), 3600, reference=reference))
+    against_demo = recipe.pooled(cpu_runs, "cpu", against="reference")
+    assert against_demo is not None and against_demo["n"] == 20 and against_demo["only_b"] == 6
+    assert recipe.pooled_lines({"ada-lovelace": cpu_runs})[0].endswith(f", DPO vs demo's DPO {recipe._diff(against_demo)}")
+
+
 def test_recalled_facts_are_names_and_years_the_question_does_not_give() -> None:
     from benchmarks import recall
 
