@@ -217,7 +217,7 @@ def versus(result: dict[str, Any], reference: dict[str, Any] | None, model: str 
     from persllm.eval.metrics import paired
 
     if result.get("reference"):  # the reference model answered this candidate's own probes
-        a, b = result["reference"]["results"], result["results"].get(model, {})
+        a, b = _answers(result, "reference"), _answers(result, model)
     elif reference is None or result is reference or model not in result["results"] \
             or model not in reference["results"]:
         return None
@@ -235,13 +235,19 @@ def pooled(rows: list[dict[str, Any]], name: str, model: str = "dpo", against: s
     a: list[bool] = []
     b: list[bool] = []
     for r in _runs_of(rows, name):
-        # "reference": the compared candidate's DPO model (cpu against demo), which answered this run's probes too.
-        x = (r.get("reference") or {}).get("results", {}) if against == "reference" else r["results"].get(against, {})
-        y = r["results"].get(model, {})
+        x, y = _answers(r, against), _answers(r, model)
         shared = [k for k in x if k in y]
         a += [x[k] for k in shared]
         b += [y[k] for k in shared]
     return paired(a, b).as_dict() if a else None
+
+
+def _answers(result: dict[str, Any], model: str) -> dict[str, bool]:
+    """One model's probe results in a run; "reference" names the compared candidate's DPO model (cpu against demo),
+    which answered this run's probes too."""
+    if model == "reference":
+        return (result.get("reference") or {}).get("results", {})
+    return result["results"].get(model, {})
 
 
 def _runs_of(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
