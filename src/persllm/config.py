@@ -561,15 +561,13 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-# Sized for about an hour on 2 CPU cores: the demo's recipe with what differs. 60 steps (about two epochs) teach the
-# 270M model the persona's voice but not its facts: asked its own training questions, Ada's demo SFT model named a
-# fact of the golden answer in 2 of 21; after 240 steps over the same data (about 7.5 epochs) in 21 of 21, and it
-# passed 13 of the 60 demo probes instead of 8, knowledge probes 3 of 10 instead of 0 (benchmarks/README.md,
-# recipe, steps-240). So the hour goes to fitting the facts: four questions per passage (more wordings of each
-# fact), more general requests, about eight epochs of SFT over them, more probes. DPO keeps the demo's 10 steps: 20
-# after the memorised SFT model took identity answers from it (鲁迅 7 -> 2 of 8) and lowered both examples' passes;
-# with 10 Ada's DPO model passes 20 of 80 probes against the demo's DPO model's 9 (+14 points [+5, +23], p=0.007)
-# and 鲁迅's 9 against 7 (+2 [-5, +10]: 鲁迅's models recall 22 of 28 trained facts verbatim, few in eval's wording).
+# Sized for about an hour on 2 CPU cores (30-40 minutes idle): the demo's recipe with what differs. The demo's 60
+# steps (about two epochs) teach the 270M model the persona's voice but not its facts (Ada's demo SFT model recalls 2
+# of 21 trained facts asked in training's words); about eight epochs recall 30 of 40. So the hour goes to fitting the
+# facts: four questions per passage (more wordings of each fact), more general requests, 400 SFT steps, more probes.
+# DPO keeps the demo's 10 steps: 20 took the memorised SFT model's identity answers (鲁迅 7 -> 2 of 8). Pooled over
+# project seeds 42 and 7 (n=160), Ada's cpu DPO model beats the demo's DPO model by +10 points [+4, +17], 鲁迅's by
+# +4 [-0, +10] (benchmarks/README.md, recipe, cpu and cpu-seed-7).
 PRESETS["cpu"] = _deep_merge(copy.deepcopy(PRESETS["demo"]), {
     "construct": {"questions_per_passage": 4, "general_per_stage": 10},
     "sft": {"max_steps": 400, "save_steps": 100},
