@@ -79,6 +79,9 @@ CANDIDATES = (
     Candidate("demo-seed-7", "demo", ("seed=7",),
               "the demo preset with another project seed (its own data split, questions, probes and training order): "
               "how far one demo run's margin is the recipe's and how far its draw's", replicates="demo"),
+    Candidate("demo-seed-3", "demo", ("seed=3",),
+              "a third project seed for the demo, chosen before it was run (2026-12-04) and reported beside the "
+              "first two whatever it gave", replicates="demo"),
     Candidate("cpu", "cpu", (), "the cpu preset (twice the data, about eight SFT epochs, more probes: about an hour)",
               compare_with="demo"),
     Candidate("cpu-seed-7", "cpu", ("seed=7",),
